@@ -1,0 +1,1 @@
+"""PeCo / VQ-VAE tokenizer training at scale."""

@@ -1,0 +1,66 @@
+"""Command line: ``python -m peco_scale.data <command>``.
+
+Commands:
+    demo --out DIR [--images_per_class N] [--seed S] [--min_size A] [--max_size B] [--overwrite]
+        Write (or reuse) the offline demo ImageFolder tree at DIR/train.
+    scan DIR
+        Count images and classes of an ImageFolder tree without decoding anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from .demo import demo_is_current, make_demo_dataset
+from .folder import DataError, scan_image_folder
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    kw = dict(images_per_class=args.images_per_class, seed=args.seed,
+              min_size=args.min_size, max_size=args.max_size)
+    reused = not args.overwrite and demo_is_current(args.out, **kw)
+    t0 = time.perf_counter()
+    m = make_demo_dataset(args.out, overwrite=args.overwrite, **kw)
+    how = "up to date" if reused else f"generated in {time.perf_counter() - t0:.1f}s"
+    print(f"demo dataset {how}: {m['total_images']} images ({m['total_bytes'] / 1e6:.1f} MB) in "
+          f"{len(m['classes'])} classes [{', '.join(m['classes'])}] at {args.out}/train (seed {m['seed']})")
+
+
+def _cmd_scan(args: argparse.Namespace) -> None:
+    samples, classes, n_ignored = scan_image_folder(args.root)
+    print(f"{len(samples)} images in {len(classes)} classes under {args.root}"
+          f" ({n_ignored} non-image files ignored)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m peco_scale.data", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="write the offline demo ImageFolder dataset")
+    d.add_argument("--out", required=True, help="output root; images go to OUT/train/<class>/")
+    d.add_argument("--images_per_class", type=int, default=300)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--min_size", type=int, default=64, help="smallest image side (pixels)")
+    d.add_argument("--max_size", type=int, default=256, help="largest image side (pixels)")
+    d.add_argument("--overwrite", action="store_true", help="regenerate even if up to date")
+    d.set_defaults(func=_cmd_demo)
+    s = sub.add_parser("scan", help="count images/classes in an ImageFolder tree")
+    s.add_argument("root")
+    s.set_defaults(func=_cmd_scan)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Process-group set-up for one process or many (the `deepspeed` launcher), CPU or GPU."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_environment() -> None:
+    """Environment DeepSpeed needs, set before it is imported.
+
+    Without CUDA DeepSpeed must be told to use its CPU accelerator (the installed torch is
+    a CUDA build, so its auto-detection can pick CUDA and fail). A plain
+    ``python launch/...`` run gets the rank variables of a world of one so that the same
+    DeepSpeed code path runs with or without the launcher.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Start the process group (NCCL on GPU, gloo on CPU) -> (rank, world_size, device)."""
+    prepare_environment()
+    import deepspeed  # imported here: DS_ACCELERATOR must be set first
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    if "OMP_NUM_THREADS" not in os.environ:
+        # ranks sharing a host must share its cores: oversubscribed OpenMP pools spin-wait
+        # on each other and run many times slower
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few Python numbers over ranks (e.g. skipped-image counts)."""
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's object on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

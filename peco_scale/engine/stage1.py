@@ -1,0 +1,217 @@
+"""Stage-1 training loop: the perceptual tokenizer under DeepSpeed (ZeRO 0-2), 1..N ranks.
+
+Determinism for exact resume: the data order is a function of (seed, epoch), augmentation
+of (seed, epoch, index) (see ShardedSampler), codebook randomness is drawn on rank 0 from
+its RNG, which is checkpointed. So step s's batch is fixed by s alone, and a resumed run
+reproduces the uninterrupted run's losses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import ConfigError, to_dict
+from ..data import ImageFolderDataset, ShardedSampler, scan_image_folder, tokenizer_transform
+from ..losses import PeCoLoss
+from ..models.artifact import save_tokenizer
+from ..models.discriminator import PatchDiscriminator, hinge_d_loss
+from ..models.perceptual import PerceptualLoss
+from ..models.tokenizer import VQTokenizer
+from . import dist as pdist
+from . import ds
+from .checkpoint import CheckpointManager, find_resume
+from .logger import MetricsLogger, log
+from .stage1_config import Stage1Config, validate_stage1
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def lr_at(step: int, base: float, cfg, total: int) -> float:
+    """Linear warm-up to ``base``, then constant or cosine to ``base * min_lr_ratio``."""
+    if step < cfg.warmup_steps:
+        return base * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return base
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    floor = base * cfg.min_lr_ratio
+    return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _autocast(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def _build_perceptual(cfg: Stage1Config) -> PerceptualLoss | None:
+    if cfg.loss.perceptual_weight == 0:
+        log.info("perceptual loss: off (loss.perceptual_weight=0, a plain VQ-VAE)")
+        return None
+    p = cfg.perceptual
+    loss = PerceptualLoss(p.arch, list(p.layers) or None, p.weights)
+    log.info("perceptual loss: %s, weight %g", loss.description, cfg.loss.perceptual_weight)
+    return loss
+
+
+def _adam(params, lr: float, betas, weight_decay: float, device: torch.device) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                            fused=device.type == "cuda")
+
+
+def train_tokenizer(cfg: Stage1Config) -> dict[str, Any]:
+    """Run stage 1 as configured; returns a summary (paths, final metrics). All ranks call it."""
+    validate_stage1(cfg)
+    samples, classes, n_ignored = scan_image_folder(cfg.data.path)  # fails fast on a bad folder
+    rank, world, device = pdist.init_distributed()
+    t = cfg.train
+    torch.manual_seed(t.seed + rank)
+    run_dir = Path(t.output_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    log.info("data: %d images in %d classes from %s (%d non-image files ignored); world size %d on %s",
+             len(samples), len(classes), cfg.data.path, n_ignored, world, device)
+
+    # -- data --------------------------------------------------------------------------
+    dataset = ImageFolderDataset(cfg.data.path, tokenizer_transform(cfg.data.img_size, scale=(cfg.data.min_crop_scale, 1.0)))
+    sampler = ShardedSampler(len(dataset), rank=rank, world_size=world, batch_size=t.batch_size, seed=t.seed)
+    steps_per_epoch = sampler.batches_per_epoch // t.grad_accum
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{len(dataset)} images give {sampler.batches_per_epoch} batches per rank, fewer than "
+                          f"train.grad_accum={t.grad_accum}; lower train.batch_size or grad_accum")
+    total_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
+
+    # -- model, loss, engines ----------------------------------------------------------
+    torch.manual_seed(t.seed)  # identical init on every rank
+    model = VQTokenizer(cfg.model, cfg.quantizer)
+    criterion = PeCoLoss(cfg.loss.pixel, cfg.loss.perceptual_weight, _build_perceptual(cfg)).to(device)
+    torch.manual_seed(t.seed + rank)
+    log.info("tokenizer '%s': %.2fM params, %dx downsample, %s", cfg.model.preset,
+             sum(p.numel() for p in model.parameters()) / 1e6, model.downsample, model.quantizer.extra_repr())
+    zero = None if t.zero_stage < 0 else t.zero_stage
+    ds_cfg = ds.load_ds_config(t.deepspeed_config, micro_batch=t.batch_size, grad_accum=t.grad_accum,
+                               world_size=world, grad_clip=t.grad_clip, zero_stage=zero, allowed_stages=(0, 1, 2))
+    engine = ds.initialize(model.to(device), _adam(model.parameters(), cfg.optim.lr, cfg.optim.betas,
+                                                   cfg.optim.weight_decay, device), ds_cfg)
+    engines = {"model": engine}
+    disc_engine = None
+    if cfg.disc.enabled:
+        disc = PatchDiscriminator(cfg.model.in_channels, cfg.disc.channels, cfg.disc.n_layers).to(device)
+        disc_engine = ds.initialize(disc, _adam(disc.parameters(), cfg.disc.lr, cfg.optim.betas, 0.0, device), ds_cfg)
+        engines["disc"] = disc_engine
+
+    # -- resume ------------------------------------------------------------------------
+    ckpt = CheckpointManager(run_dir / "checkpoints", keep_last=t.keep_last)
+    start_step = 0
+    if t.resume:
+        folder = find_resume(ckpt.root) if t.resume == "auto" else Path(t.resume)
+        if folder is not None:
+            state = ckpt.load(folder, engines)
+            start_step = state["step"]
+            log.info("resumed from %s at step %d", folder, start_step)
+        else:
+            log.info("resume=auto: no complete checkpoint in %s, starting fresh", ckpt.root)
+    metrics = MetricsLogger(run_dir, rank, total_steps, start_step)
+    metrics.truncate_after(start_step)
+
+    # -- loop --------------------------------------------------------------------------
+    summary = _loop(cfg, engine, disc_engine, criterion, dataset, sampler, device, steps_per_epoch,
+                    start_step, total_steps, metrics, ckpt, engines)
+    metrics.close()
+    artifact = run_dir / "tokenizer.safetensors"
+    if rank == 0:
+        save_tokenizer(engine.module, artifact, extra={"step": total_steps, "config": to_dict(cfg),
+                                                       "perceptual": criterion.perceptual.description
+                                                       if criterion.perceptual is not None else "off"})
+    pdist.barrier()
+    summary.update(artifact=str(artifact), metrics=str(run_dir / "metrics.jsonl"), run_dir=str(run_dir))
+    return summary
+
+
+def _loop(cfg, engine, disc_engine, criterion, dataset, sampler, device, steps_per_epoch,
+          start_step, total_steps, metrics, ckpt, engines) -> dict[str, Any]:
+    t = cfg.train
+    world = pdist.world_size()
+    loader_kwargs = dict(batch_size=t.batch_size, sampler=sampler, num_workers=cfg.data.workers,
+                         pin_memory=device.type == "cuda", drop_last=True,
+                         persistent_workers=False, multiprocessing_context="fork" if cfg.data.workers else None)
+    engine.train()
+    step, last = start_step, {}
+    skipped_total = 0.0
+    window_start, window_images, window_sums, window_steps = time.perf_counter(), 0, {}, 0
+    while step < total_steps:
+        epoch, batch_offset = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch)
+        sampler.set_start_batch(batch_offset * t.grad_accum)
+        batches = iter(DataLoader(dataset, **loader_kwargs))
+        for _ in range(steps_per_epoch - batch_offset):
+            lr = lr_at(step, cfg.optim.lr, cfg.optim, total_steps)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            use_disc = disc_engine is not None and step >= cfg.disc.start_step
+            acc: dict[str, float] = {}
+            for _micro in range(t.grad_accum):
+                batch = next(batches)
+                x = batch["image"].to(device, non_blocking=True)
+                skipped_total += float(batch["skipped"].sum())
+                parts = _micro_step(cfg, engine, disc_engine if use_disc else None, criterion, x, device)
+                for k, v in parts.items():
+                    acc[k] = acc.get(k, 0.0) + float(v) / t.grad_accum
+            if not math.isfinite(acc["loss"]):
+                raise NonFiniteLoss(f"non-finite loss {acc['loss']} at step {step}; the last good checkpoint "
+                                    f"in {ckpt.root} is kept")
+            step += 1
+            window_images += t.batch_size * t.grad_accum * world
+            window_steps += 1
+            for k, v in acc.items():
+                window_sums[k] = window_sums.get(k, 0.0) + v
+            metrics.advance()
+            if step % t.log_every == 0 or step == total_steps:
+                elapsed = time.perf_counter() - window_start
+                # losses: means over the steps since the last row and over ranks
+                keys = sorted(window_sums)
+                summed = pdist.all_reduce_sum([window_sums[k] for k in keys] + [skipped_total], device)
+                means = {k: v / (window_steps * world) for k, v in zip(keys, summed)}
+                skipped = summed[-1]
+                means["codebook_usage"] = acc["codebook_usage"]  # already a windowed statistic
+                last = {"step": step, "epoch": epoch, **means, "lr": lr,
+                        "grad_norm": engine.get_global_grad_norm(),
+                        "images_per_s": window_images / max(elapsed, 1e-9), "skipped_images": int(skipped)}
+                metrics.log(last)
+                window_start, window_images, window_sums, window_steps = time.perf_counter(), 0, {}, 0
+            if step % t.ckpt_every == 0 or step == total_steps:
+                ckpt.save(engines, step, {"config": to_dict(cfg)})
+            if step >= total_steps:
+                break
+    return {"final": last, "steps": step}
+
+
+def _micro_step(cfg, engine, disc_engine, criterion, x: torch.Tensor, device) -> dict[str, torch.Tensor]:
+    """Forward + backward (+ optimizer step at the accumulation boundary) for one micro-batch."""
+    disc = disc_engine.module if disc_engine is not None else None
+    if disc is not None:
+        disc.requires_grad_(False)  # the generator's adversarial term must not train the critic
+    with _autocast(device, cfg.train.precision):
+        out = engine(x)
+        parts = criterion(x, out, disc=disc, disc_weight=cfg.disc.weight)
+    engine.backward(parts["loss"])
+    engine.step()
+    stats = {k: v.detach() for k, v in parts.items()}
+    stats["codebook_usage"] = out["codebook_usage"]
+    stats["perplexity"] = out["perplexity"]
+    if disc_engine is not None:
+        disc.requires_grad_(True)
+        with _autocast(device, cfg.train.precision):
+            d_loss = hinge_d_loss(disc_engine(x), disc_engine(out["x_rec"].detach()))
+        disc_engine.backward(d_loss)
+        disc_engine.step()
+        stats["d_loss"] = d_loss.detach()
+    return stats

@@ -1,0 +1,48 @@
+"""Shared fixtures: a small demo dataset and a runner for the real launch scripts."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """The embedded demo dataset at 30 images per class (300 images)."""
+    from peco_scale.data import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo_data")
+    make_demo_dataset(root, images_per_class=30, seed=0)
+    return root
+
+
+def tiny_args(data: Path, out: Path, **over) -> list[str]:
+    """Flags of a tiny, fast stage-1 run; ``over`` adds/replaces --key value pairs."""
+    args = {
+        "config": str(ROOT / "configs/demo_tokenizer.yaml"), "data": str(data), "output_dir": str(out),
+        "data.img_size": 32, "train.batch_size": 8, "train.max_steps": 6, "train.log_every": 1,
+        "train.ckpt_every": 3, "data.workers": 0, "perceptual.arch": "resnet_tiny",
+        "optim.warmup_steps": 2,
+    }
+    args.update(over)
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def run_launch(script: str, args: list[str], *, ranks: int = 0, timeout: int = 600, port: int = 29531):
+    """Run a launch/ script as a user would: plain python, or `deepspeed --num_gpus N`."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    if ranks:
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
+               str(ROOT / script), *args]
+    else:
+        cmd = [sys.executable, str(ROOT / script), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]

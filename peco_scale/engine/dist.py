@@ -83,3 +83,15 @@ def broadcast_object(obj: object) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def same_on_all_ranks(t: torch.Tensor) -> bool:
+    """True when ``t`` is bitwise identical on every rank (compares a digest of its bytes)."""
+    if world_size() == 1:
+        return True
+    import hashlib
+
+    digest = hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    digests: list = [None] * world_size()
+    dist.all_gather_object(digests, digest)
+    return len(set(digests)) == 1

@@ -184,7 +184,11 @@ def _loop(cfg, engine, disc_engine, criterion, dataset, sampler, device, steps_p
                 means["codebook_usage"] = acc["codebook_usage"]  # already a windowed statistic
                 last = {"step": step, "epoch": epoch, **means, "lr": lr,
                         "grad_norm": engine.get_global_grad_norm(),
-                        "images_per_s": window_images / max(elapsed, 1e-9), "skipped_images": int(skipped)}
+                        "images_per_s": window_images / max(elapsed, 1e-9), "skipped_images": int(skipped),
+                        "codebook_in_sync": pdist.same_on_all_ranks(engine.module.quantizer.codebook)}
+                if not last["codebook_in_sync"]:
+                    raise RuntimeError(f"codebooks differ across ranks at step {step}: a codebook update "
+                                       f"was not all-reduced or broadcast")
                 metrics.log(last)
                 window_start, window_images, window_sums, window_steps = time.perf_counter(), 0, {}, 0
             if step % t.ckpt_every == 0 or step == total_steps:

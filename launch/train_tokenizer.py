@@ -27,7 +27,7 @@ def main(argv: list[str]) -> int:
     import os
 
     setup_logging(int(os.environ.get("RANK", "0")))
-    from peco_scale.engine.stage1 import train_tokenizer
+    from peco_scale.engine.stage1 import NonFiniteLoss, train_tokenizer
     from peco_scale.engine.stage1_config import config_from_argv
     from peco_scale.data import DataError
     from peco_scale.models.perceptual import PerceptualWeightsError
@@ -37,6 +37,9 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataError, PerceptualWeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     if int(os.environ.get("RANK", "0")) == 0:
         final = summary["final"]
         print(f"tokenizer artifact: {summary['artifact']}")

@@ -162,8 +162,7 @@ def parse_cli(argv: list[str], aliases: Mapping[str, str]) -> tuple[dict[str, An
         if key in aliases:
             key = aliases[key]
         if "." in key:
-            parsed = yaml.safe_load(value) if value != "" else ""
-            overrides[key] = value if parsed is None and value not in ("null", "none", "None", "~") else parsed
+            overrides[key] = yaml.safe_load(value) if value else ""
         else:
             options[key] = value
     return overrides, options

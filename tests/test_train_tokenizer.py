@@ -147,3 +147,11 @@ def test_hinge_losses():
     assert hinge_d_loss(real, fake).item() == pytest.approx(0.5 * (5 / 6 + 1))
     assert hinge_g_loss(fake).item() == pytest.approx(1 / 3)
     assert PatchDiscriminator()(torch.randn(2, 3, 64, 64)).shape == (2, 1, 6, 6)
+
+
+def test_non_finite_loss_stops_with_step(demo_data, tmp_path):
+    out = tmp_path / "run"
+    res = run_launch("launch/train_tokenizer.py", tiny_args(demo_data, out, **{"loss.perceptual_weight": ".nan"}))
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert "non-finite loss nan at step 1" in res.stderr
+    assert not (out / "checkpoints" / "latest").exists()

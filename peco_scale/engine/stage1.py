@@ -165,8 +165,9 @@ def _loop(cfg, engine, disc_engine, criterion, dataset, sampler, device, steps_p
                 parts = _micro_step(cfg, engine, disc_engine if use_disc else None, criterion, x, device)
                 for k, v in parts.items():
                     acc[k] = acc.get(k, 0.0) + float(v) / t.grad_accum
-            if not math.isfinite(acc["loss"]):
-                raise NonFiniteLoss(f"non-finite loss {acc['loss']} at step {step}; the last good checkpoint "
+            # every rank must stop together, or the others hang in the next collective
+            if not math.isfinite(pdist.all_reduce_sum([acc["loss"]], device)[0]):
+                raise NonFiniteLoss(f"non-finite loss {acc['loss']} at step {step + 1}; the last good checkpoint "
                                     f"in {ckpt.root} is kept")
             step += 1
             window_images += t.batch_size * t.grad_accum * world

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import ConfigError, to_dict
-from ..data import ImageFolderDataset, ShardedSampler, scan_image_folder, tokenizer_transform
+from ..data import ImageFolderDataset, ShardedSampler, tokenizer_transform
 from ..losses import PeCoLoss
 from ..models.artifact import save_tokenizer
 from ..models.discriminator import PatchDiscriminator, hinge_d_loss
@@ -69,7 +69,8 @@ def _adam(params, lr: float, betas, weight_decay: float, device: torch.device) -
 def train_tokenizer(cfg: Stage1Config) -> dict[str, Any]:
     """Run stage 1 as configured; returns a summary (paths, final metrics). All ranks call it."""
     validate_stage1(cfg)
-    samples, classes, n_ignored = scan_image_folder(cfg.data.path)  # fails fast on a bad folder
+    # scanning fails fast on a missing/empty folder, before DeepSpeed starts
+    dataset = ImageFolderDataset(cfg.data.path, tokenizer_transform(cfg.data.img_size, scale=(cfg.data.min_crop_scale, 1.0)))
     rank, world, device = pdist.init_distributed()
     t = cfg.train
     torch.manual_seed(t.seed + rank)
@@ -78,10 +79,9 @@ def train_tokenizer(cfg: Stage1Config) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
     log.info("data: %d images in %d classes from %s (%d non-image files ignored); world size %d on %s",
-             len(samples), len(classes), cfg.data.path, n_ignored, world, device)
+             len(dataset), len(dataset.classes), cfg.data.path, dataset.n_ignored, world, device)
 
     # -- data --------------------------------------------------------------------------
-    dataset = ImageFolderDataset(cfg.data.path, tokenizer_transform(cfg.data.img_size, scale=(cfg.data.min_crop_scale, 1.0)))
     sampler = ShardedSampler(len(dataset), rank=rank, world_size=world, batch_size=t.batch_size, seed=t.seed)
     steps_per_epoch = sampler.batches_per_epoch // t.grad_accum
     if steps_per_epoch == 0:

@@ -86,6 +86,12 @@ class AttnBlock(nn.Module):
         return x + self.proj(out.transpose(1, 2).reshape(b, c, h, w))
 
 
+def _mid_block(c: int, cfg: TokenizerModelConfig) -> nn.Sequential:
+    """ResBlock [+ attention] + ResBlock at the lowest resolution (encoder and decoder alike)."""
+    attn = [AttnBlock(c)] if cfg.attn_at_lowest else []
+    return nn.Sequential(ResBlock(c, c, cfg.dropout), *attn, ResBlock(c, c, cfg.dropout))
+
+
 class Encoder(nn.Module):
     """Image [B, 3, H, W] -> latent [B, D, H/f, W/f] with f = 2**(len(ch_mult)-1)."""
 
@@ -102,11 +108,7 @@ class Encoder(nn.Module):
             if level < len(chs) - 1:
                 layers.append(nn.Conv2d(c, c, 3, stride=2, padding=1))  # downsample
         self.down = nn.Sequential(*layers)
-        mid: list[nn.Module] = [ResBlock(c, c, cfg.dropout)]
-        if cfg.attn_at_lowest:
-            mid.append(AttnBlock(c))
-        mid.append(ResBlock(c, c, cfg.dropout))
-        self.mid = nn.Sequential(*mid)
+        self.mid = _mid_block(c, cfg)
         self.norm_out = _norm(c)
         self.conv_out = nn.Conv2d(c, z_dim, 1)
 
@@ -123,11 +125,7 @@ class Decoder(nn.Module):
         chs = [max(8, int(cfg.base_channels * m * cfg.decoder_channel_scale)) for m in cfg.ch_mult]
         c = chs[-1]
         self.conv_in = nn.Conv2d(z_dim, c, 3, padding=1)
-        mid: list[nn.Module] = [ResBlock(c, c, cfg.dropout)]
-        if cfg.attn_at_lowest:
-            mid.append(AttnBlock(c))
-        mid.append(ResBlock(c, c, cfg.dropout))
-        self.mid = nn.Sequential(*mid)
+        self.mid = _mid_block(c, cfg)
         layers: list[nn.Module] = []
         for level in reversed(range(len(chs))):
             for _ in range(cfg.num_res_blocks):

@@ -1,4 +1,4 @@
-# `make demo`: install + stage 1 on the embedded demo data.  `make test`: install + the suite.
+# `make demo`: install + stage 1 then stage 2 on the embedded demo data.  `make test`: install + the suite.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -21,6 +21,9 @@ demo: install
 	$(BIN)/python -m peco_scale.data demo --out $(DEMO)/data
 	$(DS_LAUNCH) launch/train_tokenizer.py --config configs/demo_tokenizer.yaml
 	@echo "stage 1 done: tokenizer $(DEMO)/tokenizer/tokenizer.safetensors, metrics $(DEMO)/tokenizer/metrics.jsonl"
+	$(DS_LAUNCH) launch/pretrain.py --deepspeed_config ds_configs/zero3_vith.json --config configs/demo_pretrain.yaml
+	$(BIN)/python -m peco_scale.export $(DEMO)/pretrain
+	@echo "stage 2 done: metrics $(DEMO)/pretrain/metrics.jsonl, timm backbone $(DEMO)/pretrain/backbone.safetensors"
 
 test: install
 	$(BIN)/python -m pytest -q

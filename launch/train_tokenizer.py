@@ -27,7 +27,8 @@ def main(argv: list[str]) -> int:
     import os
 
     setup_logging(int(os.environ.get("RANK", "0")))
-    from peco_scale.engine.stage1 import NonFiniteLoss, train_tokenizer
+    from peco_scale.engine.common import NonFiniteLoss
+    from peco_scale.engine.stage1 import train_tokenizer
     from peco_scale.engine.stage1_config import config_from_argv
     from peco_scale.data import DataError
     from peco_scale.models.perceptual import PerceptualWeightsError

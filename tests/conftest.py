@@ -46,3 +46,27 @@ def run_launch(script: str, args: list[str], *, ranks: int = 0, timeout: int = 6
 
 def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(demo_data, tmp_path_factory) -> Path:
+    """A tiny stage-1 tokenizer (1024 codes, 16x downsample) trained briefly on the demo data."""
+    out = tmp_path_factory.mktemp("tokenizer")
+    res = run_launch("launch/train_tokenizer.py",
+                     tiny_args(demo_data, out, **{"data.img_size": 64, "train.batch_size": 16, "train.max_steps": 40,
+                                                  "train.log_every": 10, "train.ckpt_every": 1000,
+                                                  "optim.warmup_steps": 5}))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return out / "tokenizer.safetensors"
+
+
+def pretrain_args(data: Path, tokenizer: Path, out: Path, **over) -> list[str]:
+    """Flags of a tiny stage-2 run on the ViT-H recipe with a pico backbone."""
+    args = {
+        "deepspeed_config": str(ROOT / "ds_configs/zero3_vith.json"), "model": "vit_pico_patch16",
+        "img_size": 64, "data": str(data), "tokenizer": str(tokenizer), "output_dir": str(out),
+        "batch_size": 8, "global_batch": 16, "max_steps": 6, "train.log_every": 1, "train.ckpt_every": 3,
+        "workers": 0, "lr": 2e-3, "optim.base_batch": 16, "optim.warmup_steps": 2,
+    }
+    args.update(over)
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]

@@ -46,3 +46,73 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_conf
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
+
+
+# -- stage-2 recipes ---------------------------------------------------------------------------
+#
+# A recipe is a DeepSpeed JSON that also names its run: the block "peco_scale" holds dotted
+# config overrides (model, resolution, schedule), and the DeepSpeed fields that describe the
+# run's batch and optimizer are read into the run config too, so the JSON is the one place a
+# setting is written. peco-scale builds the AdamW itself (parameter groups without weight decay
+# on norms/biases/tokens, lr scaled with the batch), so the "optimizer" block is read, checked
+# and removed before DeepSpeed sees the dict; so is "peco_scale".
+
+RECIPE_KEY = "peco_scale"
+_BATCH_FIELDS = {"train_batch_size": "train.global_batch", "train_micro_batch_size_per_gpu": "train.batch_size",
+                 "gradient_accumulation_steps": "train.grad_accum", "gradient_clipping": "optim.grad_clip"}
+_ADAMW_FIELDS = {"lr": "optim.lr", "betas": "optim.betas", "eps": "optim.eps", "weight_decay": "optim.weight_decay"}
+
+
+def read_recipe(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """-> (DeepSpeed dict without our blocks, dotted run-config overrides the recipe makes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config '{path}' not found; pass --deepspeed_config PATH (see ds_configs/)")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"DeepSpeed config '{path}' is not valid JSON: {exc}") from None
+    overrides: dict[str, Any] = {}
+    for key, dotted in _BATCH_FIELDS.items():
+        if key in cfg:
+            value = cfg.pop(key)
+            if value != "auto":
+                overrides[dotted] = value
+    opt = cfg.pop("optimizer", None)
+    if opt is not None:
+        kind = str(opt.get("type", "")).lower()
+        if kind not in ("adamw", "adam"):
+            raise ConfigError(f"optimizer.type='{opt.get('type')}' in '{path}': peco-scale builds AdamW from this "
+                              f"block (lr, betas, eps, weight_decay); use type AdamW")
+        for key, dotted in _ADAMW_FIELDS.items():
+            if key in opt.get("params", {}):
+                overrides[dotted] = opt["params"][key]
+    if "scheduler" in cfg:
+        raise ConfigError(f"'{path}' has a DeepSpeed 'scheduler' block; the schedule is set in its '{RECIPE_KEY}' "
+                          f"block (optim.warmup_epochs, optim.min_lr) so that it is measured in epochs")
+    block = cfg.pop(RECIPE_KEY, {}) or {}
+    if not isinstance(block, dict):
+        raise ConfigError(f"'{RECIPE_KEY}' in '{path}' must be an object of dotted config keys")
+    overrides.update(block)
+    return cfg, overrides
+
+
+def finalize_ds_config(cfg: dict[str, Any], *, micro_batch: int, grad_accum: int, world_size: int,
+                       grad_clip: float, zero_stage: int | None, bf16: bool) -> dict[str, Any]:
+    """Write the run's resolved batch, clipping, ZeRO stage and precision into a recipe dict."""
+    cfg = json.loads(json.dumps(cfg))
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch
+    cfg["gradient_accumulation_steps"] = grad_accum
+    cfg["train_batch_size"] = micro_batch * grad_accum * world_size
+    cfg["gradient_clipping"] = grad_clip
+    zero = cfg.setdefault("zero_optimization", {"stage": 0})
+    if zero_stage is not None:
+        zero["stage"] = zero_stage
+    if zero.get("stage", 0) != 3:
+        for key in [k for k in zero if k.startswith("stage3_") or k == "leaf_module"]:
+            zero.pop(key)
+    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": bool(bf16)}
+    cfg.pop("fp16", None)
+    cfg.setdefault("zero_allow_untested_optimizer", True)
+    cfg.setdefault("steps_per_print", 10**9)
+    return cfg

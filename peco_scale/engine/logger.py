@@ -19,6 +19,11 @@ def setup_logging(rank: int) -> None:
     logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", stream=sys.stdout, force=True)
     # DeepSpeed's own logger is chatty at INFO on every rank
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    import warnings
+
+    # emitted by DeepSpeed's ZeRO collectives on every step; not actionable by users
+    warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*", category=FutureWarning)
 
 
 def _jsonable(v: Any) -> Any:
@@ -33,10 +38,16 @@ class MetricsLogger:
     """Appends one JSON object per logged step to ``run_dir/metrics.jsonl`` and shows a
     progress bar (rank 0 only; other ranks' calls are no-ops)."""
 
-    def __init__(self, run_dir: str | Path, rank: int, total_steps: int, start_step: int = 0):
+    def __init__(self, run_dir: str | Path, rank: int, total_steps: int, start_step: int = 0,
+                 wandb_cfg: dict[str, Any] | None = None):
         self.active = rank == 0
         self.path = Path(run_dir) / "metrics.jsonl"
         self._bar = None
+        self._wandb = None
+        self.wandb_id: str | None = None
+        if self.active and wandb_cfg is not None:
+            self._wandb = _start_wandb(wandb_cfg)
+            self.wandb_id = self._wandb.id
         if self.active:
             from tqdm import tqdm
 
@@ -60,10 +71,30 @@ class MetricsLogger:
         row = {k: _jsonable(v) for k, v in row.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=int(row.get("step", 0)))
         if self._bar is not None:
-            shown = {k: row[k] for k in ("loss", "rec_loss", "percep_loss", "codebook_usage") if k in row}
+            shown = {k: row[k] for k in ("loss", "mlm_acc", "rec_loss", "percep_loss", "codebook_usage") if k in row}
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if isinstance(v, (int, float))})
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _start_wandb(cfg: dict[str, Any]):
+    """wandb.init on rank 0: online with WANDB_API_KEY (or a prior login), offline otherwise;
+    ``cfg['id']`` resumes a run (its id is kept in the checkpoints)."""
+    import os
+
+    try:
+        import wandb
+    except ImportError:
+        raise RuntimeError("train.wandb=true but wandb is not installed; pip install 'peco-scale[wandb]' "
+                           "or drop --train.wandb") from None
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    log.info("wandb: %s mode, project %s", mode, cfg["project"])
+    return wandb.init(project=cfg["project"], dir=cfg["dir"], config=cfg["config"], name=cfg["name"],
+                      id=cfg.get("id"), resume="allow" if cfg.get("id") else None, mode=mode)

@@ -9,8 +9,6 @@ reproduces the uninterrupted run's losses.
 from __future__ import annotations
 
 import json
-import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,29 +24,10 @@ from ..models.perceptual import PerceptualLoss
 from ..models.tokenizer import VQTokenizer
 from . import dist as pdist
 from . import ds
+from .common import Window, autocast, lr_at, stop_if_nonfinite
 from .checkpoint import CheckpointManager, find_resume
 from .logger import MetricsLogger, log
 from .stage1_config import Stage1Config, validate_stage1
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-def lr_at(step: int, base: float, cfg, total: int) -> float:
-    """Linear warm-up to ``base``, then constant or cosine to ``base * min_lr_ratio``."""
-    if step < cfg.warmup_steps:
-        return base * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return base
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    floor = base * cfg.min_lr_ratio
-    return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _autocast(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
 def _build_perceptual(cfg: Stage1Config) -> PerceptualLoss | None:
@@ -142,18 +121,21 @@ def _loop(cfg, engine, disc_engine, criterion, dataset, sampler, device, steps_p
     world = pdist.world_size()
     loader_kwargs = dict(batch_size=t.batch_size, sampler=sampler, num_workers=cfg.data.workers,
                          pin_memory=device.type == "cuda", drop_last=True,
-                         persistent_workers=False, multiprocessing_context="fork" if cfg.data.workers else None)
+                         persistent_workers=False, multiprocessing_context="fork" if cfg.data.workers else None,
+                         generator=torch.Generator().manual_seed(t.seed))  # keep the global RNG untouched
     engine.train()
     step, last = start_step, {}
     skipped_total = 0.0
-    window_start, window_images, window_sums, window_steps = time.perf_counter(), 0, {}, 0
+    window = Window()
     while step < total_steps:
         epoch, batch_offset = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch)
         sampler.set_start_batch(batch_offset * t.grad_accum)
         batches = iter(DataLoader(dataset, **loader_kwargs))
         for _ in range(steps_per_epoch - batch_offset):
-            lr = lr_at(step, cfg.optim.lr, cfg.optim, total_steps)
+            o = cfg.optim
+            lr = lr_at(step, o.lr, warmup=o.warmup_steps, total=total_steps, schedule=o.schedule,
+                       floor=o.lr * o.min_lr_ratio)
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
             use_disc = disc_engine is not None and step >= cfg.disc.start_step
@@ -165,33 +147,24 @@ def _loop(cfg, engine, disc_engine, criterion, dataset, sampler, device, steps_p
                 parts = _micro_step(cfg, engine, disc_engine if use_disc else None, criterion, x, device)
                 for k, v in parts.items():
                     acc[k] = acc.get(k, 0.0) + float(v) / t.grad_accum
-            # every rank must stop together, or the others hang in the next collective
-            if not math.isfinite(pdist.all_reduce_sum([acc["loss"]], device)[0]):
-                raise NonFiniteLoss(f"non-finite loss {acc['loss']} at step {step + 1}; the last good checkpoint "
-                                    f"in {ckpt.root} is kept")
+            stop_if_nonfinite(acc["loss"], step + 1, ckpt.root, device)
             step += 1
-            window_images += t.batch_size * t.grad_accum * world
-            window_steps += 1
-            for k, v in acc.items():
-                window_sums[k] = window_sums.get(k, 0.0) + v
+            window.add(acc, t.batch_size * t.grad_accum * world)
             metrics.advance()
             if step % t.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - window_start
                 # losses: means over the steps since the last row and over ranks
-                keys = sorted(window_sums)
-                summed = pdist.all_reduce_sum([window_sums[k] for k in keys] + [skipped_total], device)
-                means = {k: v / (window_steps * world) for k, v in zip(keys, summed)}
-                skipped = summed[-1]
+                means = window.means(device, {"skipped_images": skipped_total})
                 means["codebook_usage"] = acc["codebook_usage"]  # already a windowed statistic
                 last = {"step": step, "epoch": epoch, **means, "lr": lr,
                         "grad_norm": engine.get_global_grad_norm(),
-                        "images_per_s": window_images / max(elapsed, 1e-9), "skipped_images": int(skipped),
+                        "images_per_s": window.images / window.elapsed(),
                         "codebook_in_sync": pdist.same_on_all_ranks(engine.module.quantizer.codebook)}
                 if not last["codebook_in_sync"]:
                     raise RuntimeError(f"codebooks differ across ranks at step {step}: a codebook update "
                                        f"was not all-reduced or broadcast")
+                last["skipped_images"] = int(last["skipped_images"])
                 metrics.log(last)
-                window_start, window_images, window_sums, window_steps = time.perf_counter(), 0, {}, 0
+                window.reset()
             if step % t.ckpt_every == 0 or step == total_steps:
                 ckpt.save(engines, step, {"config": to_dict(cfg)})
             if step >= total_steps:
@@ -204,7 +177,7 @@ def _micro_step(cfg, engine, disc_engine, criterion, x: torch.Tensor, device) ->
     disc = disc_engine.module if disc_engine is not None else None
     if disc is not None:
         disc.requires_grad_(False)  # the generator's adversarial term must not train the critic
-    with _autocast(device, cfg.train.precision):
+    with autocast(device, cfg.train.precision):
         out = engine(x)
         parts = criterion(x, out, disc=disc, disc_weight=cfg.disc.weight)
     engine.backward(parts["loss"])
@@ -214,7 +187,7 @@ def _micro_step(cfg, engine, disc_engine, criterion, x: torch.Tensor, device) ->
     stats["perplexity"] = out["perplexity"]
     if disc_engine is not None:
         disc.requires_grad_(True)
-        with _autocast(device, cfg.train.precision):
+        with autocast(device, cfg.train.precision):
             d_loss = hinge_d_loss(disc_engine(x), disc_engine(out["x_rec"].detach()))
         disc_engine.backward(d_loss)
         disc_engine.step()

@@ -9,7 +9,6 @@ DeepSpeed does not do, and which BEiT v2's per-rank k-means gets wrong).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

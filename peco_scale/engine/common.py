@@ -1,0 +1,75 @@
+"""Pieces every training loop shares: the lr schedule, the non-finite stop, windowed means."""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+
+import torch
+
+from . import dist as pdist
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss went NaN/inf on some rank; all ranks raise it together."""
+
+
+def lr_at(step: int, base: float, *, warmup: int, total: int, schedule: str = "cosine", floor: float = 0.0) -> float:
+    """Linear warm-up over ``warmup`` steps to ``base``, then constant or cosine down to ``floor``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "constant":
+        return base
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for ``precision`` 'bf16', or 'auto' on GPU; a no-op context otherwise."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def stop_if_nonfinite(loss: float, step: int, ckpt_root, device: torch.device) -> None:
+    """Raise NonFiniteLoss on every rank if the loss is not finite on any rank (the others would
+    otherwise hang in the next collective)."""
+    if not math.isfinite(pdist.all_reduce_sum([loss], device)[0]):
+        raise NonFiniteLoss(f"non-finite loss {loss} at step {step}; stopped, and the last good checkpoint "
+                            f"in {ckpt_root} is kept")
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated accelerator memory, or on CPU the process's peak resident set (GB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+class Window:
+    """Sums of per-step scalars and images since the last logged row; ``means`` averages them
+    over steps and ranks (one all-reduce)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.images, self.steps, self.sums = time.perf_counter(), 0, 0, {}
+
+    def add(self, values: dict[str, float], images: int) -> None:
+        self.steps += 1
+        self.images += images
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+
+    def means(self, device: torch.device, extra_sums: dict[str, float] | None = None) -> dict[str, float]:
+        """Means over steps and ranks; ``extra_sums`` are summed over ranks only (e.g. counts)."""
+        world = pdist.world_size()
+        keys, extra = sorted(self.sums), dict(extra_sums or {})
+        summed = pdist.all_reduce_sum([self.sums[k] for k in keys] + list(extra.values()), device)
+        out = {k: v / (max(1, self.steps) * world) for k, v in zip(keys, summed)}
+        out.update(zip(extra, summed[len(keys):]))
+        return out
+
+    def elapsed(self) -> float:
+        return max(time.perf_counter() - self.start, 1e-9)

@@ -1,0 +1,200 @@
+"""Stage-2 training loop: masked image modeling over a frozen tokenizer, under DeepSpeed ZeRO 0-3.
+
+Same determinism contract as stage 1: the data order is a function of (seed, epoch), each
+sample's crop, jitter, flip and mask of (seed, epoch, index), and the model's own randomness
+(stochastic depth) comes from per-rank RNG saved in every checkpoint. A resumed run therefore
+reproduces the uninterrupted run's losses.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import ConfigError, to_dict
+from ..data import ImageFolderDataset, ShardedSampler
+from ..data.masking import BlockMaskGenerator
+from ..data.mim import MIMTransform
+from ..models.artifact import load_tokenizer, tokenizer_identity
+from ..models.mim import MIMTask
+from ..models.vit import MaskedViT, VIT_PRESETS, param_groups
+from ..plan import mim_train_flops
+from . import dist as pdist
+from . import ds
+from .checkpoint import CheckpointManager, find_resume
+from .common import Window, lr_at, peak_memory_gb, stop_if_nonfinite
+from .logger import MetricsLogger, log
+from .stage2_config import Resolved, Stage2Config, resolve_stage2
+
+
+def build_task(cfg: Stage2Config, r: Resolved, device: torch.device) -> MIMTask:
+    """Backbone + head (identical init on every rank) around the frozen tokenizer."""
+    m = cfg.model
+    backbone = MaskedViT(VIT_PRESETS[r.model_name], r.img_size, drop_path=m.drop_path,
+                         layer_scale=None if m.layer_scale < 0 else m.layer_scale,
+                         grad_checkpointing=m.grad_checkpointing)
+    tokenizer = load_tokenizer(cfg.tokenizer.path, device)
+    if tokenizer.quant_cfg.codebook_size != r.vocab:
+        raise ConfigError(f"tokenizer codebook has {tokenizer.quant_cfg.codebook_size} codes but the head expects {r.vocab}")
+    return MIMTask(backbone, tokenizer, head_impl=m.head_impl).to_device(device)
+
+
+def build_optimizer(task: MIMTask, cfg: Stage2Config, device: torch.device) -> torch.optim.AdamW:
+    o = cfg.optim
+    return torch.optim.AdamW(param_groups(task, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                             fused=device.type == "cuda")
+
+
+def use_bf16(cfg: Stage2Config, ds_dict: dict[str, Any], device: torch.device) -> bool:
+    p = cfg.train.precision
+    if p == "auto":
+        return device.type == "cuda" and bool(ds_dict.get("bf16", {}).get("enabled", False))
+    return p == "bf16"
+
+
+def _check_resume_identity(folder: Path, token_id: str) -> None:
+    state = json.loads((folder / "state.json").read_text())
+    saved = state.get("tokenizer", {}).get("sha256")
+    if saved and saved != token_id:
+        raise ConfigError(f"checkpoint {folder} was trained with tokenizer {state['tokenizer'].get('path')} "
+                          f"(sha256 {saved[:12]}...), but the given tokenizer's sha256 is {token_id[:12]}...; resume with "
+                          f"the original tokenizer or start a new output_dir")
+
+
+def pretrain(cfg: Stage2Config, ds_dict: dict[str, Any]) -> dict[str, Any]:
+    """Run stage 2 as configured; returns a summary. All ranks call it."""
+    r = resolve_stage2(cfg)
+    t, o = cfg.train, cfg.optim
+    transform = MIMTransform(r.img_size, r.tokenizer_img_size,
+                             BlockMaskGenerator(r.grid, r.num_masked, min_block=r.min_block,
+                                                min_aspect=cfg.mask.min_aspect),
+                             scale=(cfg.data.min_crop_scale, 1.0), hflip=cfg.data.hflip, jitter=cfg.data.jitter)
+    dataset = ImageFolderDataset(cfg.data.path, transform)  # fails fast on a missing/empty folder
+    token_id = tokenizer_identity(cfg.tokenizer.path)
+    ckpt = CheckpointManager(Path(t.output_dir) / "checkpoints", keep_last=t.keep_last)
+    resume_from = None
+    if t.resume:
+        resume_from = find_resume(ckpt.root) if t.resume == "auto" else Path(t.resume)
+        if resume_from is not None:
+            _check_resume_identity(resume_from, token_id)  # before any launch cost
+    rank, world, device = pdist.init_distributed()
+    if world != r.world_size:
+        r = resolve_stage2(cfg, world)
+    torch.manual_seed(t.seed + rank)
+    run_dir = Path(t.output_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+
+    sampler = ShardedSampler(len(dataset), rank=rank, world_size=world, batch_size=r.batch_size, seed=t.seed)
+    steps_per_epoch = sampler.batches_per_epoch // r.grad_accum
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{len(dataset)} images give {sampler.batches_per_epoch} micro-batches per rank, fewer than "
+                          f"the {r.grad_accum} accumulation steps of one optimizer step; lower the batch size")
+    total_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
+    warmup = o.warmup_steps if o.warmup_steps >= 0 else int(round(o.warmup_epochs * steps_per_epoch))
+    base_lr = o.lr * r.global_batch / o.base_batch
+    log.info("data: %d images in %d classes from %s; %d steps/epoch at global batch %d (%d x %d accum x %d ranks)",
+             len(dataset), len(dataset.classes), cfg.data.path, steps_per_epoch, r.global_batch, r.batch_size,
+             r.grad_accum, world)
+
+    torch.manual_seed(t.seed)  # identical init on every rank
+    task = build_task(cfg, r, device)
+    torch.manual_seed(t.seed + rank)
+    bf16 = use_bf16(cfg, ds_dict, device)
+    zero = None if t.zero_stage < 0 else t.zero_stage
+    ds_cfg = ds.finalize_ds_config(ds_dict, micro_batch=r.batch_size, grad_accum=r.grad_accum, world_size=world,
+                                   grad_clip=o.grad_clip, zero_stage=zero, bf16=bf16)
+    n_params = sum(p.numel() for p in task.parameters())
+    log.info("%s at %d px: %.1fM trainable params, grid %dx%d, %d masked, head %d-way; tokenizer %s (%d px view); "
+             "ZeRO %d, %s, lr %.3g (%.3g at batch %d)", r.model_name, r.img_size, n_params / 1e6, *r.grid,
+             r.num_masked, r.vocab, cfg.tokenizer.path, r.tokenizer_img_size,
+             ds_cfg["zero_optimization"].get("stage", 0), "bf16" if bf16 else "fp32", base_lr, o.lr, o.base_batch)
+    engine = ds.initialize(task.to(device), build_optimizer(task, cfg, device), ds_cfg)
+    engines = {"model": engine}
+    if ds_cfg["zero_optimization"].get("stage") == 3:
+        from deepspeed.utils.z3_leaf_module import get_z3_leaf_modules
+
+        log.info("ZeRO-3 leaf blocks %d (each gathered whole), persistence threshold %s, prefetch bucket %s",
+                 len(get_z3_leaf_modules(engine.module)),
+                 ds_cfg["zero_optimization"].get("stage3_param_persistence_threshold"),
+                 ds_cfg["zero_optimization"].get("stage3_prefetch_bucket_size"))
+    flops = mim_train_flops(VIT_PRESETS[r.model_name], r.img_size, vocab=r.vocab, num_masked=r.num_masked,
+                            checkpointing=cfg.model.grad_checkpointing)["model"]
+
+    start_step, wandb_id = 0, None
+    if resume_from is not None:
+        saved = ckpt.load(resume_from, engines)
+        start_step, wandb_id = saved["step"], saved.get("wandb_id")
+        log.info("resumed from %s at step %d", resume_from, start_step)
+    elif t.resume:
+        log.info("resume=auto: no complete checkpoint in %s, starting fresh", ckpt.root)
+    metrics = MetricsLogger(run_dir, rank, total_steps, start_step, wandb_cfg=_wandb_cfg(cfg, run_dir, wandb_id))
+    metrics.truncate_after(start_step)
+
+    state = {"config": to_dict(cfg), "tokenizer": {"sha256": token_id, "path": str(cfg.tokenizer.path)},
+             "model": {"name": r.model_name, "img_size": r.img_size}}
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    loader = DataLoader(dataset, batch_size=r.batch_size, sampler=sampler, num_workers=cfg.data.workers,
+                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=False,
+                        multiprocessing_context="fork" if cfg.data.workers else None,
+                        # its own generator: making an iterator must not draw from the global RNG that
+                        # drop-path uses, or a resumed run (new iterator mid-epoch) would diverge
+                        generator=torch.Generator().manual_seed(t.seed))
+    engine.train()
+    step, last, skipped = start_step, {}, 0.0
+    window = Window()
+    while step < total_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch)
+        sampler.set_start_batch(offset * r.grad_accum)
+        batches = iter(loader)
+        for _ in range(steps_per_epoch - offset):
+            lr = lr_at(step, base_lr, warmup=warmup, total=total_steps, floor=min(o.min_lr, base_lr))
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            acc = {"loss": 0.0, "mlm_acc": 0.0}
+            for _micro in range(r.grad_accum):
+                batch = next(batches)
+                views = batch["image"]
+                skipped += float(batch["skipped"].sum())
+                out = engine(views["patch"].to(device, dtype, non_blocking=True),
+                             views["tokenizer"].to(device, non_blocking=True),
+                             views["mask"].to(device, non_blocking=True))
+                engine.backward(out["loss"])
+                engine.step()
+                for k in acc:
+                    acc[k] += float(out[k].detach()) / r.grad_accum
+            stop_if_nonfinite(acc["loss"], step + 1, ckpt.root, device)
+            step += 1
+            window.add(acc, r.global_batch)
+            metrics.advance()
+            if step % t.log_every == 0 or step == total_steps:
+                means = window.means(device, {"skipped_images": skipped})
+                ips = window.images / window.elapsed()
+                last = {"step": step, "epoch": epoch, **means, "lr": lr, "grad_norm": engine.get_global_grad_norm(),
+                        "images_per_s": ips, "tflops_per_gpu": flops * ips / world / 1e12,
+                        "mem_gb": peak_memory_gb(device)}
+                last["skipped_images"] = int(last["skipped_images"])
+                metrics.log(last)
+                window.reset()
+            if step % t.ckpt_every == 0 or step == total_steps:
+                ckpt.save(engines, step, {**state, "wandb_id": metrics.wandb_id})
+            if step >= total_steps:
+                break
+    metrics.close()
+    pdist.barrier()
+    return {"final": last, "steps": step, "run_dir": str(run_dir), "metrics": str(run_dir / "metrics.jsonl"),
+            "checkpoint": str(find_resume(ckpt.root))}
+
+
+def _wandb_cfg(cfg: Stage2Config, run_dir: Path, run_id: str | None) -> dict[str, Any] | None:
+    if not cfg.train.wandb:
+        return None
+    return {"project": cfg.train.wandb_project, "dir": str(run_dir), "config": to_dict(cfg),
+            "name": run_dir.name, "id": run_id}
+

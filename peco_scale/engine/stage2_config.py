@@ -1,0 +1,224 @@
+"""Config tree of a stage-2 (masked image modeling) run and the checks run before training.
+
+Precedence: defaults -> the DeepSpeed recipe (its batch/optimizer fields and its "peco_scale"
+block) -> --config FILE -> --section.key flags.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, apply_overrides, field, load_file, parse_cli, section
+from ..data.masking import BlockMaskGenerator, default_min_block, default_num_masked
+from ..models.mim import HEAD_IMPLS
+from ..models.vit import parse_model_name
+from .ds import read_recipe
+
+
+@dataclass
+class ModelConfig:
+    name: str = field("vit_base_patch16", "backbone preset (vit_pico_patch16 ... vit_huge_patch14), optional _224/_448 suffix")
+    img_size: int = field(0, "resolution (0 = the name's suffix, else 224); a multiple of the patch size")
+    drop_path: float = field(0.1, "stochastic depth rate")
+    layer_scale: float = field(-1.0, "layer-scale init (-1 = preset: 0.1 for B and smaller, 1e-5 for L/H; 0 = off)")
+    grad_checkpointing: bool = field(False, "activation checkpointing of every block (timm set_grad_checkpointing)")
+    vocab: int = field(0, "head size; must equal the tokenizer's codebook size (0 = take it from the tokenizer)")
+    head_impl: str = field("torch", "MIM head + loss implementation: " + ", ".join(HEAD_IMPLS))
+
+
+@dataclass
+class MaskConfig:
+    num_patches: int = field(0, "masked patches per image (0 = BEiT's 75 of 196, scaled to the grid)")
+    min_block: int = field(0, "smallest block in patches (0 = BEiT's 16 at 14x14, scaled by area)")
+    min_aspect: float = field(0.3, "block aspect ratio is log-uniform in [min_aspect, 1/min_aspect]")
+
+
+@dataclass
+class TokenizerRef:
+    path: str = field("", "tokenizer.safetensors written by launch/train_tokenizer.py")
+
+
+@dataclass
+class DataConfig:
+    path: str = field("", "ImageFolder root (root/<class>/<img> or root/train/<class>/<img>)")
+    workers: int = field(8, "DataLoader workers per rank")
+    min_crop_scale: float = field(0.08, "RandomResizedCrop minimum area fraction")
+    jitter: float = field(0.4, "colour jitter strength (brightness, contrast, saturation)")
+    hflip: float = field(0.5, "horizontal flip probability")
+    tokenizer_img_size: int = field(0, "tokenizer view size (0 = patch grid x tokenizer downsample)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(1.5e-3, "AdamW lr at optim.base_batch images (scaled linearly with the global batch)")
+    base_batch: int = field(2048, "global batch at which optim.lr is given")
+    betas: tuple[float, float] = field((0.9, 0.999), "AdamW betas (0.9, 0.98 for L/H)")
+    eps: float = field(1e-8, "AdamW eps")
+    weight_decay: float = field(0.05, "weight decay (not on norms, biases, layer scales, tokens, position embeddings)")
+    warmup_epochs: float = field(10.0, "linear warm-up in epochs")
+    warmup_steps: int = field(-1, "linear warm-up in steps (-1 = from warmup_epochs)")
+    min_lr: float = field(1e-5, "cosine schedule ends here")
+    grad_clip: float = field(3.0, "gradient-norm clipping (0 = off)")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = field("runs/pretrain", "run folder: config, metrics.jsonl, checkpoints")
+    batch_size: int = field(0, "micro-batch per rank (0 = the recipe's train_micro_batch_size_per_gpu)")
+    grad_accum: int = field(0, "micro-steps per optimizer step (0 = global_batch / (batch_size x world size))")
+    global_batch: int = field(0, "images per optimizer step over all ranks (0 = the recipe's train_batch_size)")
+    epochs: int = field(300, "epochs to train (ignored when max_steps > 0)")
+    max_steps: int = field(0, "optimizer steps to train (0 = use epochs)")
+    log_every: int = field(10, "steps between metrics.jsonl rows")
+    ckpt_every: int = field(1000, "steps between checkpoints (and one at the end)")
+    keep_last: int = field(2, "complete checkpoints kept")
+    resume: str = field("", "'auto' = newest complete checkpoint in output_dir, or a checkpoint folder")
+    seed: int = field(0, "seed of data order, augmentation, masks and init")
+    precision: str = field("auto", "auto (the recipe's bf16 on GPU, fp32 on CPU), bf16 or fp32")
+    zero_stage: int = field(-1, "override the recipe's ZeRO stage (0-3; -1 = keep)")
+    deepspeed_config: str = field("ds_configs/zero2_vitb.json", "the recipe: DeepSpeed JSON (+ its peco_scale block)")
+    wandb: bool = field(False, "log to Weights & Biases on rank 0 (offline without WANDB_API_KEY)")
+    wandb_project: str = field("peco-scale", "wandb project")
+
+
+@dataclass
+class Stage2Config:
+    model: ModelConfig = section(ModelConfig, "ViT backbone")
+    mask: MaskConfig = section(MaskConfig, "block-wise masking")
+    tokenizer: TokenizerRef = section(TokenizerRef, "frozen stage-1 tokenizer")
+    data: DataConfig = section(DataConfig, "input data and augmentation")
+    optim: OptimConfig = section(OptimConfig, "AdamW and schedule")
+    train: TrainConfig = section(TrainConfig, "run control")
+
+
+STAGE2_ALIASES = {
+    "data": "data.path", "tokenizer": "tokenizer.path", "model": "model.name", "img_size": "model.img_size",
+    "output_dir": "train.output_dir", "epochs": "train.epochs", "max_steps": "train.max_steps",
+    "resume": "train.resume", "deepspeed_config": "train.deepspeed_config", "batch_size": "train.batch_size",
+    "global_batch": "train.global_batch", "grad_accum": "train.grad_accum", "seed": "train.seed",
+    "lr": "optim.lr", "workers": "data.workers",
+}
+
+
+def config_from_argv(argv: list[str]) -> tuple[Stage2Config, dict[str, Any]]:
+    """Flags -> (resolved config, the DeepSpeed dict of the recipe without our blocks)."""
+    cli, options = parse_cli(argv, STAGE2_ALIASES)
+    file_overrides = load_file(options.pop("config")) if "config" in options else {}
+    options.pop("local_rank", None)  # passed by the deepspeed launcher; LOCAL_RANK is read from env
+    if options:
+        raise ConfigError(f"unknown option(s) {', '.join('--' + k for k in options)}; options are --config FILE "
+                          f"and --section.key VALUE (see --help)")
+    recipe_path = cli.get("train.deepspeed_config", file_overrides.get("train.deepspeed_config",
+                                                                       Stage2Config().train.deepspeed_config))
+    ds_dict, recipe = read_recipe(recipe_path)
+    cfg = Stage2Config()
+    for source, layer in ((f"recipe '{recipe_path}'", recipe), ("config file", file_overrides), ("command line", cli)):
+        apply_overrides(cfg, layer, source)
+    return cfg, ds_dict
+
+
+@dataclass
+class Resolved:
+    """Values derived from the config, the environment and the tokenizer's metadata."""
+    model_name: str
+    img_size: int
+    grid: tuple[int, int]
+    tokenizer_img_size: int
+    vocab: int
+    num_masked: int
+    min_block: int
+    batch_size: int
+    grad_accum: int
+    world_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.world_size
+
+
+def resolve_stage2(cfg: Stage2Config, world_size: int | None = None) -> Resolved:
+    """Cheap checks of everything a user can get wrong, one line each, before any launch cost.
+
+    Reads only the tokenizer's metadata (not its weights) and the environment's WORLD_SIZE.
+    """
+    from ..models.artifact import read_tokenizer_metadata
+
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    name, preset, img_size = parse_model_name(m.name, m.img_size or None)
+    p = preset.patch_size
+    if img_size <= 0 or img_size % p:
+        lo = max(p, img_size // p * p)
+        raise ConfigError(f"model.img_size={img_size} is not divisible by the patch size {p} of {name}; "
+                          f"use {lo} or {lo + p}")
+    grid = (img_size // p, img_size // p)
+    if m.head_impl not in HEAD_IMPLS:
+        raise ConfigError(f"model.head_impl='{m.head_impl}' is not available; choose one of {', '.join(HEAD_IMPLS)}")
+    # tokenizer
+    if not cfg.tokenizer.path:
+        raise ConfigError("no tokenizer given; pass --tokenizer PATH/tokenizer.safetensors (train one with "
+                          "launch/train_tokenizer.py)")
+    try:
+        meta = read_tokenizer_metadata(cfg.tokenizer.path)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ConfigError(f"tokenizer '{cfg.tokenizer.path}' is unreadable ({type(exc).__name__}: {exc}); pass the "
+                          f"tokenizer.safetensors written by launch/train_tokenizer.py") from None
+    down = 2 ** (len(meta["model"]["ch_mult"]) - 1)
+    vocab = int(meta["quantizer"]["codebook_size"])
+    if m.vocab and m.vocab != vocab:
+        raise ConfigError(f"model.vocab={m.vocab} but tokenizer '{cfg.tokenizer.path}' has {vocab} codes; pass the "
+                          f"tokenizer the head was sized for, or set model.vocab={vocab} (or 0)")
+    tok_size = cfg.data.tokenizer_img_size or grid[0] * down
+    if tok_size % down or tok_size // down != grid[0]:
+        raise ConfigError(f"token grid {tok_size // down}x{tok_size // down} (data.tokenizer_img_size={tok_size} / "
+                          f"downsample {down}) != patch grid {grid[0]}x{grid[1]} ({img_size} / patch {p}); "
+                          f"set data.tokenizer_img_size={grid[0] * down} or 0")
+    # masking (the generator validates its own arguments)
+    n = grid[0] * grid[1]
+    num_masked = cfg.mask.num_patches or default_num_masked(n)
+    min_block = cfg.mask.min_block or default_min_block(n)
+    try:
+        BlockMaskGenerator(grid, num_masked, min_block=min_block, min_aspect=cfg.mask.min_aspect)
+    except ValueError as exc:
+        raise ConfigError(f"mask: {exc}") from None
+    # batch arithmetic: micro x accum x world == global
+    micro = t.batch_size
+    if micro < 1:
+        raise ConfigError(f"train.batch_size={micro}: set a micro-batch per rank (--batch_size N) or "
+                          f"train_micro_batch_size_per_gpu in the recipe")
+    if t.grad_accum < 0 or t.global_batch < 0:
+        raise ConfigError(f"train.grad_accum={t.grad_accum} and train.global_batch={t.global_batch} must be >= 0")
+    if t.global_batch and t.grad_accum:
+        if micro * t.grad_accum * world != t.global_batch:
+            raise ConfigError(f"micro-batch {micro} x gradient accumulation {t.grad_accum} x world size {world} = "
+                              f"{micro * t.grad_accum * world}, but the train batch size is {t.global_batch} "
+                              f"(train_batch_size in {t.deepspeed_config} or --global_batch); change one of them, "
+                              f"or drop the accumulation to have it derived")
+        accum = t.grad_accum
+    elif t.global_batch:
+        if t.global_batch % (micro * world):
+            raise ConfigError(f"train batch size {t.global_batch} is not divisible by micro-batch {micro} x world size "
+                              f"{world} = {micro * world}; change --batch_size or --global_batch")
+        accum = t.global_batch // (micro * world)
+    else:
+        accum = t.grad_accum or 1
+    # everything else
+    if t.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"train.precision='{t.precision}' must be auto, bf16 or fp32")
+    if t.zero_stage not in (-1, 0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage={t.zero_stage} must be 0-3 (or -1 to keep the recipe's)")
+    if t.max_steps <= 0 and t.epochs <= 0:
+        raise ConfigError(f"train.epochs={t.epochs} and train.max_steps={t.max_steps}: set one of them positive")
+    if o.lr <= 0 or o.base_batch <= 0:
+        raise ConfigError(f"optim.lr={o.lr} and optim.base_batch={o.base_batch} must be positive")
+    if t.resume not in ("", "auto") and not Path(t.resume).is_dir():
+        raise ConfigError(f"train.resume='{t.resume}' is neither 'auto' nor a checkpoint folder")
+    if not cfg.data.path:
+        raise ConfigError("no data given; pass --data DIR (an ImageFolder tree, or `python -m peco_scale.data demo "
+                          "--out DIR` for the demo set)")
+    return Resolved(name, img_size, grid, tok_size, vocab, num_masked, min_block, micro, accum, world)

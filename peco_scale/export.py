@@ -1,0 +1,131 @@
+"""Export a stage-2 checkpoint's backbone for timm.
+
+    python -m peco_scale.export runs/pretrain [--out backbone.safetensors] [--keep_layer_scale]
+
+Consolidates a DeepSpeed checkpoint (any ZeRO stage; ZeRO 1-3 through DeepSpeed's
+``zero_to_fp32`` from the fp32 master weights) into one fp32 state dict in timm's layout. The
+backbone file loads with ``strict=True`` into ``timm.create_model(timm_name, pretrained=False,
+**timm_kwargs)`` (both printed and stored in the file's metadata). The MIM head and mask token
+go to a separate ``<out>.mim.safetensors``. Layer scale is folded into the projections by
+default, so the plain timm architecture computes the same features; ``--keep_layer_scale``
+keeps the gammas (then pass ``init_values`` to timm as printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ConfigError
+from .engine.checkpoint import find_resume
+from .models.vit import VIT_PRESETS, export_timm_state_dict, timm_spec
+
+FORMAT = "peco-backbone/1"
+
+
+def _checkpoint_folder(path: Path) -> Path:
+    """A step folder, a run's checkpoints/ folder, or a run folder -> the step folder."""
+    if (path / "COMPLETE").is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        found = find_resume(root) if root.is_dir() else None
+        if found is not None:
+            return found
+    raise ConfigError(f"'{path}' holds no complete checkpoint; pass a run folder, its checkpoints/ folder, or a "
+                      f"step_XXXXXXXX folder with a COMPLETE marker")
+
+
+def consolidate(folder: Path, engine: str = "model") -> dict[str, torch.Tensor]:
+    """fp32 state dict of the engine ``engine`` saved in a checkpoint step folder."""
+    tag_dir = folder / engine
+    if not tag_dir.is_dir():
+        raise ConfigError(f"checkpoint {folder} has no '{engine}' engine folder")
+    if any(tag_dir.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=engine)
+    else:  # ZeRO stage 0: the module's weights are in the model-states file
+        files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise ConfigError(f"no DeepSpeed model states in {tag_dir}")
+        sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in sd.items()}
+
+
+def export_checkpoint(path: str | Path, out: str | Path | None = None, *, fold_layer_scale: bool = True) -> dict[str, Any]:
+    """Write the backbone (+ head file) of a checkpoint; returns paths and the timm spec."""
+    folder = _checkpoint_folder(Path(path))
+    state = json.loads((folder / "state.json").read_text())
+    if "model" not in state:
+        raise ConfigError(f"checkpoint {folder} is not a stage-2 (pretrain) checkpoint")
+    name, img_size = state["model"]["name"], int(state["model"]["img_size"])
+    full = consolidate(folder)
+    backbone = {k[len("backbone."):]: v for k, v in full.items() if k.startswith("backbone.")}
+    extra = {k: v for k, v in full.items() if not k.startswith("backbone.")}
+    extra["backbone.mask_token"] = backbone.pop("mask_token")
+    preset = VIT_PRESETS[name]
+    timm_name, kwargs = timm_spec(preset, img_size)
+    sd = export_timm_state_dict(backbone, fold_layer_scale=fold_layer_scale)
+    if not fold_layer_scale and preset.layer_scale > 0:
+        kwargs["init_values"] = preset.layer_scale
+    out = Path(out) if out else folder.parent.parent / "backbone.safetensors"
+    head_out = out.with_name(out.name.replace(".safetensors", "") + ".mim.safetensors")
+    meta = {"format": FORMAT, "timm_name": timm_name, "timm_kwargs": json.dumps(kwargs), "preset": name,
+            "step": str(state["step"]), "source": str(folder), "tokenizer_sha256": state.get("tokenizer", {}).get("sha256", "")}
+    for target, tensors in ((out, sd), (head_out, extra)):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        os.replace(tmp, target)
+    return {"backbone": str(out), "mim": str(head_out), "timm_name": timm_name, "timm_kwargs": kwargs,
+            "step": state["step"]}
+
+
+def read_backbone(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
+    """(state dict, timm name, timm kwargs) of an exported backbone file."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ConfigError(f"'{path}' is not a peco-scale backbone export (format {meta.get('format')!r})")
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    return sd, meta["timm_name"], json.loads(meta["timm_kwargs"])
+
+
+def create_timm_model(path: str | Path, **overrides: Any) -> torch.nn.Module:
+    """Build the timm model named in an export and load its weights with strict=True."""
+    import timm
+
+    sd, name, kwargs = read_backbone(path)
+    model = timm.create_model(name, pretrained=False, **{**kwargs, **overrides})
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m peco_scale.export", description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint", help="run folder, its checkpoints/ folder, or a step_XXXXXXXX folder")
+    ap.add_argument("--out", default=None, help="output .safetensors (default: <run>/backbone.safetensors)")
+    ap.add_argument("--keep_layer_scale", action="store_true", help="keep the layer-scale gammas instead of folding them")
+    args = ap.parse_args(argv)
+    try:
+        res = export_checkpoint(args.checkpoint, args.out, fold_layer_scale=not args.keep_layer_scale)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    kw = ", ".join(f"{k}={v!r}" for k, v in res["timm_kwargs"].items())
+    print(f"backbone (step {res['step']}): {res['backbone']}\nMIM head + mask token: {res['mim']}")
+    print(f"load: timm.create_model('{res['timm_name']}', pretrained=False, {kw}).load_state_dict("
+          f"safetensors.torch.load_file('{res['backbone']}'), strict=True)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

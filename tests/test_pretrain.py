@@ -1,0 +1,139 @@
+"""Stage 2 for real: 2 ranks under ZeRO-3 through the `deepspeed` launcher, resume, export to timm,
+and every bad-input error as users meet it (one `error:` line, exit 2, before any launch cost)."""
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from conftest import pretrain_args, read_metrics, run_launch
+from peco_scale.config import ConfigError
+from peco_scale.engine.stage2_config import config_from_argv, resolve_stage2
+from peco_scale.export import create_timm_model, export_checkpoint
+from peco_scale.models.artifact import load_tokenizer, save_tokenizer
+from peco_scale.models.vit import VIT_PRESETS, MaskedViT
+
+
+def _ok(res):
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_learns_and_exports_to_timm(demo_data, tiny_tokenizer, tmp_path):
+    """The ViT-H recipe's code path (ZeRO-3, leaf blocks) with a pico backbone on 2 CPU ranks."""
+    out = tmp_path / "run"
+    res = run_launch("launch/pretrain.py",
+                     pretrain_args(demo_data, tiny_tokenizer, out, **{"max_steps": 80, "train.log_every": 10,
+                                                                      "train.ckpt_every": 40, "batch_size": 16,
+                                                                      "global_batch": 32, "optim.base_batch": 32,
+                                                                      "optim.warmup_steps": 10,
+                                                                      "model.drop_path": 0.0}),
+                     ranks=2, port=29541)
+    _ok(res)
+    assert "ZeRO 3" in res.stdout and "ZeRO-3 leaf blocks 4 " in res.stdout
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(10, 81, 10))
+    for key in ("step", "loss", "mlm_acc", "lr", "grad_norm", "images_per_s", "tflops_per_gpu", "mem_gb"):
+        assert all(isinstance(r[key], (int, float)) for r in rows), key
+    vocab = load_tokenizer(tiny_tokenizer).quant_cfg.codebook_size
+    final = np.mean([r["loss"] for r in rows[-2:]])
+    assert rows[0]["loss"] > final
+    assert final < math.log(vocab) - 1.0, rows  # well below chance
+    assert rows[-1]["mlm_acc"] > 5.0 / vocab
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert ckpts == ["step_00000040", "step_00000080"]
+
+    # export: consolidated ZeRO-3 shards -> timm strict load, same features as our backbone
+    res_exp = export_checkpoint(out, tmp_path / "backbone.safetensors")
+    model = create_timm_model(res_exp["backbone"]).eval()
+    mim = load_file(res_exp["mim"])
+    assert set(mim) == {"head.weight", "head.bias", "backbone.mask_token"}
+    assert mim["head.weight"].shape == (vocab, 128)
+    ours = MaskedViT(VIT_PRESETS["vit_pico_patch16"], 64, drop_path=0.0).eval()
+    from peco_scale.export import consolidate
+    sd = {k[len("backbone."):]: v for k, v in consolidate(out / "checkpoints" / "step_00000080").items()
+          if k.startswith("backbone.")}
+    ours.load_state_dict(sd, strict=True)  # unfolded layer scale
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x)[:, 1:], ours(x), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(ours(x), MaskedViT(VIT_PRESETS["vit_pico_patch16"], 64).eval()(x))  # trained
+    assert timm.create_model("vit_tiny_patch16_224", pretrained=False, **res_exp["timm_kwargs"]).load_state_dict(
+        load_file(res_exp["backbone"]), strict=True) is not None
+
+
+@pytest.mark.slow
+def test_resume_reproduces_losses_and_refuses_other_tokenizer(demo_data, tiny_tokenizer, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    _ok(run_launch("launch/pretrain.py", pretrain_args(demo_data, tiny_tokenizer, full), ranks=2, port=29542))
+    _ok(run_launch("launch/pretrain.py", pretrain_args(demo_data, tiny_tokenizer, part, max_steps=3),
+                   ranks=2, port=29543))
+    # a save killed midway: a newer folder without COMPLETE must be ignored by resume
+    (part / "checkpoints" / "step_00000005").mkdir()
+    other = tmp_path / "other_tokenizer.safetensors"
+    save_tokenizer(load_tokenizer(tiny_tokenizer), other, extra={"note": "a different artifact"})
+    res = run_launch("launch/pretrain.py", pretrain_args(demo_data, other, part, **{"train.resume": "auto"}))
+    assert res.returncode == 2 and "error:" in res.stderr and "tokenizer" in res.stderr, res.stderr[-2000:]
+    assert len([ln for ln in res.stderr.splitlines() if ln.startswith("error:")]) == 1
+    res = run_launch("launch/pretrain.py", pretrain_args(demo_data, tiny_tokenizer, part, **{"train.resume": "auto"}),
+                     ranks=2, port=29544)
+    _ok(res)
+    assert "resumed from" in res.stdout and "step_00000003" in res.stdout
+    a, b = read_metrics(full), read_metrics(part)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "mlm_acc", "grad_norm", "lr"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), (ra["step"], key)
+    wa = load_file(export_checkpoint(full, tmp_path / "a.safetensors")["backbone"])
+    wb = load_file(export_checkpoint(part, tmp_path / "b.safetensors")["backbone"])
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+# -- bad input: each gives one clear line before anything expensive ---------------------------
+
+
+def _resolve(argv):
+    cfg, _ = config_from_argv(argv)
+    return resolve_stage2(cfg)
+
+
+def test_bad_inputs_are_one_clear_line(demo_data, tiny_tokenizer, tmp_path):
+    base = pretrain_args(demo_data, tiny_tokenizer, tmp_path / "x")
+    assert _resolve(base).grid == (4, 4)
+    cases = {
+        "not divisible by the patch size 16": ["--img_size", "70"],
+        "token grid 8x8 (data.tokenizer_img_size=128": ["--data.tokenizer_img_size", "128"],
+        "not found": ["--tokenizer", str(tmp_path / "missing.safetensors")],
+        "model.vocab=8192 but tokenizer": ["--model.vocab", "8192"],
+        "x gradient accumulation 3 x world size 1 = 24, but the train batch size is 16": ["--grad_accum", "3"],
+        "not divisible by micro-batch 5": ["--batch_size", "5"],
+        "unknown model 'vit_gigantic_patch14'": ["--model", "vit_gigantic_patch14"],
+    }
+    for expected, extra in cases.items():
+        with pytest.raises(ConfigError, match=None) as info:
+            _resolve(base + extra)
+        msg = str(info.value)
+        assert expected in msg and "\n" not in msg, (expected, msg)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 100)
+    with pytest.raises(ConfigError, match="unreadable"):
+        _resolve(base + ["--tokenizer", str(garbage)])
+
+
+def test_bad_input_through_the_launcher(demo_data, tiny_tokenizer, tmp_path):
+    """As a user sees it: exit 2 and one `error:` line, for a resolve-time and a data-time error."""
+    empty = tmp_path / "empty"
+    (empty / "class_a").mkdir(parents=True)
+    for extra, expected in ((["--img_size", "70"], "not divisible"), (["--data", str(empty)], "contains no images")):
+        res = run_launch("launch/pretrain.py", pretrain_args(demo_data, tiny_tokenizer, tmp_path / "y") + extra)
+        assert res.returncode == 2, res.stderr[-2000:]
+        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and expected in errors[0], res.stderr[-2000:]
+        assert "Traceback" not in res.stderr
+    assert not (tmp_path / "y" / "checkpoints").exists()
+    shutil.rmtree(empty)

@@ -184,3 +184,26 @@ def test_recipes_name_their_run_and_are_valid_deepspeed(recipe, model, size, sta
         block = 12 * p.embed_dim ** 2
         assert 1.5 * block <= zero.prefetch_bucket_size <= 2.5 * block
     json.dumps(final)
+
+
+def test_activation_checkpointing_switch_gives_same_gradients():
+    torch.manual_seed(0)
+    a = MaskedViT(VIT_PRESETS["vit_pico_patch16"], 64, drop_path=0.0).train()
+    b = MaskedViT(VIT_PRESETS["vit_pico_patch16"], 64, drop_path=0.0, grad_checkpointing=True).train()
+    b.load_state_dict(a.state_dict())
+    assert b.grad_checkpointing and not a.grad_checkpointing
+    x, mask = torch.randn(2, 3, 64, 64), torch.rand(2, 16) < 0.4
+    saved = {}
+    for name, m in (("plain", a), ("ckpt", b)):
+        n = [0]
+
+        def pack(t, n=n):
+            n[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m(x, mask).square().mean().backward()
+        saved[name] = n[0]
+    for (k, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-6, msg=k)
+    assert saved["ckpt"] < 0.5 * saved["plain"]  # activations really were dropped

@@ -137,3 +137,76 @@ def test_bad_input_through_the_launcher(demo_data, tiny_tokenizer, tmp_path):
         assert "Traceback" not in res.stderr
     assert not (tmp_path / "y" / "checkpoints").exists()
     shutil.rmtree(empty)
+
+
+def test_bench_step_runs_and_records(tmp_path):
+    """The step benchmark on CPU: a tiny model, one JSON row whose numbers are consistent."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from peco_scale.plan import mim_train_flops
+
+    out = tmp_path / "bench.jsonl"
+    res = subprocess.run([sys.executable, str(ROOT / "launch/bench_step.py"), "--model", "vit_pico_patch16", "--img_size",
+                          "64", "--batch_size", "8", "--steps", "3", "--warmup", "1", "--tokenizer_preset", "tiny",
+                          "--results", str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "img/s" in res.stdout and "MFU" in res.stdout
+    row = json.loads(out.read_text().splitlines()[-1])
+    flops = mim_train_flops(VIT_PRESETS["vit_pico_patch16"], 64, vocab=1024, num_masked=6)["model"]
+    assert row["images_per_s"] == pytest.approx(8 / row["step_s"])
+    assert row["tflops"] == pytest.approx(flops * row["images_per_s"] / 1e12)
+    assert 0 < row["mfu"] < 1 and 0 < row["tokenizer_share"] < 1 and row["peak_mem_gb"] > 0
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(demo_data, tiny_tokenizer, tmp_path):
+    """Resume at step 3 with an absurd learning rate (1e38): step 4's update blows the weights up to
+    ~1e38 (its loss is still finite) and step 5's forward overflows to a NaN loss."""
+    out = tmp_path / "run"
+    ckpts = out / "checkpoints"
+    _ok(run_launch("launch/pretrain.py", pretrain_args(demo_data, tiny_tokenizer, out, max_steps=3), ranks=2,
+                   port=29545))
+    # the NaN loss at step 5 stops both ranks; the next save (step 6) never happens
+    res = run_launch("launch/pretrain.py", pretrain_args(demo_data, tiny_tokenizer, out, **{
+        "train.resume": "auto", "lr": "1e38"}), ranks=2, port=29546)
+    assert res.returncode != 0, res.stderr[-2000:]
+    errors = [ln for ln in res.stderr.splitlines() if "error: " in ln]
+    assert errors and all("non-finite loss nan at step 5" in e for e in errors), res.stderr[-2000:]
+    assert (ckpts / "latest").read_text().strip() == "step_00000003"
+    assert (ckpts / "step_00000003" / "COMPLETE").is_file() and not (ckpts / "step_00000006").exists()
+    # resuming a 2-rank ZeRO checkpoint on 1 rank: a clear line, not DeepSpeed's traceback
+    res = run_launch("launch/pretrain.py", pretrain_args(demo_data, tiny_tokenizer, out, **{"train.resume": "auto"}))
+    assert res.returncode == 2 and "written by 2 ranks" in res.stderr and "Traceback" not in res.stderr, \
+        res.stderr[-2000:]
+
+
+def test_weights_are_checked_before_a_save():
+    """A poisoned update with a finite loss must not become the newest checkpoint."""
+    from peco_scale.engine.common import NonFiniteLoss, stop_if_weights_nonfinite
+
+    m = torch.nn.Linear(4, 3)
+    stop_if_weights_nonfinite(m, 7, "ckpts", torch.device("cpu"))  # finite: no error
+    with torch.no_grad():
+        m.bias[1] = float("inf")
+    with pytest.raises(NonFiniteLoss, match="non-finite weights after step 7; that checkpoint was not written"):
+        stop_if_weights_nonfinite(m, 7, "ckpts", torch.device("cpu"))
+
+
+def test_wandb_offline_run_id_is_kept_in_checkpoints(demo_data, tiny_tokenizer, tmp_path, monkeypatch):
+    import json
+    import os
+
+    pytest.importorskip("wandb", reason="wandb is an optional extra (installed by `make test` through .[dev])")
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    monkeypatch.setattr(os, "environ", {**env, "WANDB_SILENT": "true"})
+    res = run_launch("launch/pretrain.py", pretrain_args(demo_data, tiny_tokenizer, out, **{
+        "max_steps": 2, "train.ckpt_every": 2, "train.wandb": "true"}))
+    _ok(res)
+    assert "wandb: offline mode" in res.stdout
+    state = json.loads((out / "checkpoints" / "step_00000002" / "state.json").read_text())
+    run_id = state["wandb_id"]
+    assert run_id and list((out / "wandb").glob(f"offline-run-*-{run_id}"))

@@ -73,3 +73,19 @@ class Window:
 
     def elapsed(self) -> float:
         return max(time.perf_counter() - self.start, 1e-9)
+
+
+def stop_if_weights_nonfinite(module: torch.nn.Module, step: int, ckpt_root, device: torch.device) -> None:
+    """Before a checkpoint is written: every rank checks its own shard of the weights (under
+    ZeRO-3 ``ds_tensor``, else the tensor) and all stop if any is NaN/inf, so a poisoned update
+    (finite loss, non-finite weights) never becomes the newest checkpoint."""
+    bad = 0.0
+    with torch.no_grad():
+        for p in module.parameters():
+            t = getattr(p, "ds_tensor", p)
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                bad = 1.0
+                break
+    if pdist.all_reduce_sum([bad], device)[0] > 0:
+        raise NonFiniteLoss(f"non-finite weights after step {step}; that checkpoint was not written, and the last "
+                            f"good checkpoint in {ckpt_root} is kept")

@@ -26,7 +26,7 @@ from ..plan import mim_train_flops
 from . import dist as pdist
 from . import ds
 from .checkpoint import CheckpointManager, find_resume
-from .common import Window, lr_at, peak_memory_gb, stop_if_nonfinite
+from .common import Window, lr_at, peak_memory_gb, stop_if_nonfinite, stop_if_weights_nonfinite
 from .logger import MetricsLogger, log
 from .stage2_config import Resolved, Stage2Config, resolve_stage2
 
@@ -56,8 +56,14 @@ def use_bf16(cfg: Stage2Config, ds_dict: dict[str, Any], device: torch.device) -
     return p == "bf16"
 
 
-def _check_resume_identity(folder: Path, token_id: str) -> None:
+def _check_resume_compatible(folder: Path, token_id: str, world: int) -> None:
+    """Refuse, before any launch cost, a checkpoint from another tokenizer or world size."""
     state = json.loads((folder / "state.json").read_text())
+    saved_world = state.get("world_size")
+    if saved_world and saved_world != world:
+        raise ConfigError(f"checkpoint {folder} was written by {saved_world} ranks but this run has {world}; ZeRO's "
+                          f"partitioned optimizer state cannot be re-split: resume on {saved_world} ranks, or convert "
+                          f"it to a universal checkpoint with DeepSpeed's ds_to_universal.py first")
     saved = state.get("tokenizer", {}).get("sha256")
     if saved and saved != token_id:
         raise ConfigError(f"checkpoint {folder} was trained with tokenizer {state['tokenizer'].get('path')} "
@@ -80,7 +86,7 @@ def pretrain(cfg: Stage2Config, ds_dict: dict[str, Any]) -> dict[str, Any]:
     if t.resume:
         resume_from = find_resume(ckpt.root) if t.resume == "auto" else Path(t.resume)
         if resume_from is not None:
-            _check_resume_identity(resume_from, token_id)  # before any launch cost
+            _check_resume_compatible(resume_from, token_id, r.world_size)
     rank, world, device = pdist.init_distributed()
     if world != r.world_size:
         r = resolve_stage2(cfg, world)
@@ -136,7 +142,7 @@ def pretrain(cfg: Stage2Config, ds_dict: dict[str, Any]) -> dict[str, Any]:
     metrics = MetricsLogger(run_dir, rank, total_steps, start_step, wandb_cfg=_wandb_cfg(cfg, run_dir, wandb_id))
     metrics.truncate_after(start_step)
 
-    state = {"config": to_dict(cfg), "tokenizer": {"sha256": token_id, "path": str(cfg.tokenizer.path)},
+    state = {"config": to_dict(cfg), "world_size": world, "tokenizer": {"sha256": token_id, "path": str(cfg.tokenizer.path)},
              "model": {"name": r.model_name, "img_size": r.img_size}}
     dtype = torch.bfloat16 if bf16 else torch.float32
     loader = DataLoader(dataset, batch_size=r.batch_size, sampler=sampler, num_workers=cfg.data.workers,
@@ -183,6 +189,7 @@ def pretrain(cfg: Stage2Config, ds_dict: dict[str, Any]) -> dict[str, Any]:
                 metrics.log(last)
                 window.reset()
             if step % t.ckpt_every == 0 or step == total_steps:
+                stop_if_weights_nonfinite(engine.module, step, ckpt.root, device)
                 ckpt.save(engines, step, {**state, "wandb_id": metrics.wandb_id})
             if step >= total_steps:
                 break

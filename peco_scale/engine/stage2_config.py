@@ -6,6 +6,7 @@ block) -> --config FILE -> --section.key flags.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,7 +215,7 @@ def resolve_stage2(cfg: Stage2Config, world_size: int | None = None) -> Resolved
         raise ConfigError(f"train.zero_stage={t.zero_stage} must be 0-3 (or -1 to keep the recipe's)")
     if t.max_steps <= 0 and t.epochs <= 0:
         raise ConfigError(f"train.epochs={t.epochs} and train.max_steps={t.max_steps}: set one of them positive")
-    if o.lr <= 0 or o.base_batch <= 0:
+    if not (math.isfinite(o.lr) and o.lr > 0) or o.base_batch <= 0:
         raise ConfigError(f"optim.lr={o.lr} and optim.base_batch={o.base_batch} must be positive")
     if t.resume not in ("", "auto") and not Path(t.resume).is_dir():
         raise ConfigError(f"train.resume='{t.resume}' is neither 'auto' nor a checkpoint folder")

@@ -59,16 +59,16 @@ def use_bf16(cfg: Stage2Config, ds_dict: dict[str, Any], device: torch.device) -
 def _check_resume_compatible(folder: Path, token_id: str, world: int) -> None:
     """Refuse, before any launch cost, a checkpoint from another tokenizer or world size."""
     state = json.loads((folder / "state.json").read_text())
-    saved_world = state.get("world_size")
-    if saved_world and saved_world != world:
-        raise ConfigError(f"checkpoint {folder} was written by {saved_world} ranks but this run has {world}; ZeRO's "
-                          f"partitioned optimizer state cannot be re-split: resume on {saved_world} ranks, or convert "
-                          f"it to a universal checkpoint with DeepSpeed's ds_to_universal.py first")
     saved = state.get("tokenizer", {}).get("sha256")
     if saved and saved != token_id:
         raise ConfigError(f"checkpoint {folder} was trained with tokenizer {state['tokenizer'].get('path')} "
                           f"(sha256 {saved[:12]}...), but the given tokenizer's sha256 is {token_id[:12]}...; resume with "
                           f"the original tokenizer or start a new output_dir")
+    saved_world = state.get("world_size")
+    if saved_world and saved_world != world:
+        raise ConfigError(f"checkpoint {folder} was written by {saved_world} ranks but this run has {world}; ZeRO's "
+                          f"partitioned optimizer state cannot be re-split: resume on {saved_world} ranks, or convert "
+                          f"it to a universal checkpoint with DeepSpeed's ds_to_universal.py first")
 
 
 def pretrain(cfg: Stage2Config, ds_dict: dict[str, Any]) -> dict[str, Any]:

@@ -210,3 +210,34 @@ def test_wandb_offline_run_id_is_kept_in_checkpoints(demo_data, tiny_tokenizer, 
     state = json.loads((out / "checkpoints" / "step_00000002" / "state.json").read_text())
     run_id = state["wandb_id"]
     assert run_id and list((out / "wandb").glob(f"offline-run-*-{run_id}"))
+
+
+@pytest.mark.parametrize("world,accum", [(64, 1), (8, 8)])
+def test_main_command_needs_only_data_and_tokenizer(demo_data, tiny_tokenizer, world, accum):
+    """`deepspeed launch/pretrain.py --deepspeed_config ds_configs/zero3_vith.json --data D --tokenizer T`
+    resolves to the paper's ViT-H/14 at 448 (checked up to the launch, which needs GPUs)."""
+    from conftest import ROOT
+
+    cfg, ds_dict = config_from_argv(["--deepspeed_config", str(ROOT / "ds_configs/zero3_vith.json"),
+                                     "--data", str(demo_data), "--tokenizer", str(tiny_tokenizer)])
+    r = resolve_stage2(cfg, world)
+    assert (r.model_name, r.img_size, r.grid, r.tokenizer_img_size) == ("vit_huge_patch14", 448, (32, 32), 512)
+    assert r.num_masked == 392 and r.min_block == 84
+    assert (r.batch_size, r.grad_accum, r.global_batch) == (32, accum, 2048)
+    assert cfg.optim.betas == (0.9, 0.98) and cfg.optim.grad_clip == 3.0 and cfg.train.epochs == 800
+    assert ds_dict["zero_optimization"]["stage"] == 3 and ds_dict["bf16"]["enabled"]
+
+
+def test_bf16_engine_path_runs_and_exports(demo_data, tiny_tokenizer, tmp_path):
+    """DeepSpeed's bf16 mode (the GPU recipes' precision) on one CPU process: bf16 module, fp32 master
+    weights in the ZeRO-3 checkpoint."""
+    out = tmp_path / "bf16"
+    res = run_launch("launch/pretrain.py", pretrain_args(demo_data, tiny_tokenizer, out, **{
+        "max_steps": 4, "train.ckpt_every": 4, "train.precision": "bf16"}))
+    _ok(res)
+    assert "ZeRO 3, bf16" in res.stdout
+    rows = read_metrics(out)
+    assert len(rows) == 4 and all(math.isfinite(r["loss"]) for r in rows)
+    sd = load_file(export_checkpoint(out, tmp_path / "b.safetensors")["backbone"])
+    assert all(v.dtype == torch.float32 for v in sd.values())
+    assert create_timm_model(tmp_path / "b.safetensors") is not None

@@ -70,7 +70,7 @@ def vq_nearest(z: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2", b
     if codebook.shape[0] == 0:
         raise KernelInputError("codebook has 0 codes")
     if _backend(backend, z, codebook) == "triton":
-        from .vq_nearest import vq_nearest_triton
+        from .vq import vq_nearest_triton
 
         return vq_nearest_triton(_aligned(z), _aligned(codebook), metric=metric, return_stats=return_stats)
     idx, dist = ref.vq_nearest_reference(z, codebook, metric=metric)

@@ -43,12 +43,13 @@ def vq_nearest_reference(z: torch.Tensor, codebook: torch.Tensor, *, metric: str
 def vq_ema_stats_reference(z: torch.Tensor, indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(counts fp32 [K], sums fp32 [K, D]) of rows ``z`` assigned to ``indices``.
 
-    Deterministic: counts by integer bincount, sums by a one-hot matmul in fp64 rounded once.
+    Counts by integer bincount; sums accumulated in fp64 and rounded to fp32 once, so the
+    result does not depend on the order of accumulation (up to fp64 rounding).
     """
     counts = torch.bincount(indices, minlength=num_codes).float()
-    onehot = F.one_hot(indices, num_codes).double()
-    sums = (onehot.T @ z.double()).float()
-    return counts, sums
+    sums = torch.zeros(num_codes, z.shape[1], dtype=torch.float64, device=z.device)
+    sums.index_add_(0, indices, z.double())
+    return counts, sums.float()
 
 
 def masked_linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -8,6 +8,13 @@ from pathlib import Path
 
 import pytest
 
+# Triton kernels are tested on CPU tensors through Triton's interpreter when there is no GPU; the
+# variable must be set before triton is first imported, so it is set here, before any test module.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

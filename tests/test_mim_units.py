@@ -14,7 +14,8 @@ from peco_scale.data.masking import BlockMaskGenerator
 from peco_scale.data.mim import MIMTransform, denormalize_patch
 from peco_scale.engine.ds import finalize_ds_config, read_recipe
 from peco_scale.models.artifact import load_tokenizer
-from peco_scale.models.mim import MIMTask, masked_linear_cross_entropy_reference
+from peco_kernels import masked_linear_cross_entropy_reference
+from peco_scale.models.mim import MIMTask
 from peco_scale.models.vit import (VIT_PRESETS, MaskedViT, export_timm_state_dict, param_groups, parse_model_name,
                                    resize_pos_embed, timm_spec)
 

@@ -54,7 +54,7 @@ def test_ema_update_matches_reference(metric):
 def test_indices_are_nearest_and_ties_go_low():
     torch.manual_seed(1)
     z, cb = torch.randn(300, 16), torch.randn(50, 16)
-    idx, d = nearest_code(z, cb, chunk=64)
+    idx, d = nearest_code(z, cb)
     ref = torch.cdist(z.double(), cb.double()).argmin(1)
     assert torch.equal(idx, ref)
     torch.testing.assert_close(d, ((z - cb[idx]) ** 2).sum(1), rtol=1e-4, atol=1e-4)

@@ -40,7 +40,7 @@ def build_task(cfg: Stage2Config, r: Resolved, device: torch.device) -> MIMTask:
     tokenizer = load_tokenizer(cfg.tokenizer.path, device)
     if tokenizer.quant_cfg.codebook_size != r.vocab:
         raise ConfigError(f"tokenizer codebook has {tokenizer.quant_cfg.codebook_size} codes but the head expects {r.vocab}")
-    return MIMTask(backbone, tokenizer, head_impl=m.head_impl).to_device(device)
+    return MIMTask(backbone, tokenizer, kernels=m.kernels).to_device(device)
 
 
 def build_optimizer(task: MIMTask, cfg: Stage2Config, device: torch.device) -> torch.optim.AdamW:

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..config import ConfigError, apply_overrides, field, load_file, parse_cli, section
 from ..data.masking import BlockMaskGenerator, default_min_block, default_num_masked
-from ..models.mim import HEAD_IMPLS
+from ..models.mim import KERNEL_BACKENDS
 from ..models.vit import parse_model_name
 from .ds import read_recipe
 
@@ -27,7 +27,7 @@ class ModelConfig:
     layer_scale: float = field(-1.0, "layer-scale init (-1 = preset: 0.1 for B and smaller, 1e-5 for L/H; 0 = off)")
     grad_checkpointing: bool = field(False, "activation checkpointing of every block (timm set_grad_checkpointing)")
     vocab: int = field(0, "head size; must equal the tokenizer's codebook size (0 = take it from the tokenizer)")
-    head_impl: str = field("torch", "MIM head + loss implementation: " + ", ".join(HEAD_IMPLS))
+    kernels: str = field("auto", "MIM head + loss and the target lookup: auto (Triton on CUDA), triton, torch")
 
 
 @dataclass
@@ -156,8 +156,8 @@ def resolve_stage2(cfg: Stage2Config, world_size: int | None = None) -> Resolved
         raise ConfigError(f"model.img_size={img_size} is not divisible by the patch size {p} of {name}; "
                           f"use {lo} or {lo + p}")
     grid = (img_size // p, img_size // p)
-    if m.head_impl not in HEAD_IMPLS:
-        raise ConfigError(f"model.head_impl='{m.head_impl}' is not available; choose one of {', '.join(HEAD_IMPLS)}")
+    if m.kernels not in KERNEL_BACKENDS:
+        raise ConfigError(f"model.kernels='{m.kernels}' must be one of {', '.join(KERNEL_BACKENDS)}")
     # tokenizer
     if not cfg.tokenizer.path:
         raise ConfigError("no tokenizer given; pass --tokenizer PATH/tokenizer.safetensors (train one with "

@@ -13,47 +13,33 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from peco_kernels import masked_linear_cross_entropy
 from timm.layers import trunc_normal_
 
 from ..config import ConfigError
 from .tokenizer import VQTokenizer
 from .vit import MaskedViT
 
-HEAD_IMPLS = ("torch",)  # the fused Triton head (peco_kernels) is added with the kernels
-
-
-def masked_linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                                          targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pure-PyTorch head + loss: mean cross-entropy and accuracy over the rows where ``mask``.
-
-    hidden [B, L, H] (or [N, H]), weight [V, H], bias [V] | None, targets int64 and mask bool
-    shaped like hidden without its last dim. Logits exist only for the selected rows and are
-    computed in the input dtype, then the softmax in fp32.
-    """
-    rows = hidden[mask]
-    tgt = targets[mask]
-    logits = F.linear(rows, weight, bias).float()
-    loss = F.cross_entropy(logits, tgt)
-    with torch.no_grad():
-        acc = (logits.argmax(dim=-1) == tgt).float().mean()
-    return loss, acc
+KERNEL_BACKENDS = ("auto", "triton", "torch")  # peco_kernels backends; auto = Triton on CUDA tensors
 
 
 class MIMHead(nn.Module):
-    """Linear ``embed_dim -> vocab`` classifier applied at masked positions only."""
+    """Linear ``embed_dim -> vocab`` classifier + cross-entropy at masked positions only, through
+    ``peco_kernels.masked_linear_cross_entropy`` (fused Triton, or its torch reference)."""
 
-    def __init__(self, embed_dim: int, vocab: int, impl: str = "torch"):
+    def __init__(self, embed_dim: int, vocab: int, kernels: str = "auto"):
         super().__init__()
-        if impl not in HEAD_IMPLS:
-            raise ConfigError(f"model.head_impl='{impl}' is not available; choose one of {', '.join(HEAD_IMPLS)}")
-        self.impl = impl
+        if kernels not in KERNEL_BACKENDS:
+            raise ConfigError(f"model.kernels='{kernels}' must be one of {', '.join(KERNEL_BACKENDS)}")
+        self.kernels = kernels
         self.weight = nn.Parameter(torch.empty(vocab, embed_dim))
         self.bias = nn.Parameter(torch.zeros(vocab))
         trunc_normal_(self.weight, std=0.02)
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return masked_linear_cross_entropy_reference(hidden, self.weight, self.bias, targets, mask)
+        # targets come from the tokenizer, whose codebook size was checked against the head at start-up
+        return masked_linear_cross_entropy(hidden, self.weight, self.bias, targets, mask, backend=self.kernels,
+                                           return_accuracy=True, validate=False)
 
 
 class MIMTask(nn.Module):
@@ -63,12 +49,13 @@ class MIMTask(nn.Module):
     the tokenizer view must equal the backbone's patch grid.
     """
 
-    def __init__(self, backbone: MaskedViT, tokenizer: VQTokenizer, *, head_impl: str = "torch"):
+    def __init__(self, backbone: MaskedViT, tokenizer: VQTokenizer, *, kernels: str = "auto"):
         super().__init__()
         self.backbone = backbone
         vocab = tokenizer.quant_cfg.codebook_size
-        self.head = MIMHead(backbone.embed_dim, vocab, head_impl)
+        self.head = MIMHead(backbone.embed_dim, vocab, kernels)
         tokenizer.requires_grad_(False).eval()
+        tokenizer.quantizer.cfg.kernels = kernels  # the target lookup uses the same backend choice
         object.__setattr__(self, "tokenizer", tokenizer)  # deliberately not a sub-module (see module doc)
 
     @property

@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from peco_kernels import vq_nearest
+
 from ..config import field
 
 
@@ -32,29 +34,14 @@ class QuantizerConfig:
     kmeans_max_vectors: int = field(65536, "at most this many gathered vectors feed the k-means init")
     dead_code_steps: int = field(200, "a code unused for this many steps is restarted (0 = never)")
     usage_window: int = field(100, "codebook_usage = fraction of codes used in the last N steps")
+    kernels: str = field("auto", "nearest-code search + EMA statistics: auto (Triton on CUDA), triton, torch")
 
 
-def nearest_code(z: torch.Tensor, codebook: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest codebook entry of each row, in fp32, without an [N, K] matrix for all N at once.
-
-    z: [N, D], codebook: [K, D] -> (indices int64 [N], squared distances fp32 [N]).
-    ||z||^2 is left out of the argmin (it is constant per row) and added back afterwards,
-    so near-ties are decided on the terms that differ. Ties go to the lowest index
-    (torch.argmin's rule).
-    """
-    z = z.float()
-    codebook = codebook.float()
-    e_sq = (codebook * codebook).sum(1)  # [K]
-    idx_parts, dist_parts = [], []
-    for start in range(0, z.shape[0], chunk):
-        zc = z[start : start + chunk]
-        partial = torch.addmm(e_sq.unsqueeze(0), zc, codebook.t(), alpha=-2.0)  # [n, K]
-        best, idx = partial.min(dim=1)
-        idx_parts.append(idx)
-        dist_parts.append((best + (zc * zc).sum(1)).clamp_min_(0.0))
-    if not idx_parts:
-        return z.new_zeros(0, dtype=torch.long), z.new_zeros(0)
-    return torch.cat(idx_parts), torch.cat(dist_parts)
+def nearest_code(z: torch.Tensor, codebook: torch.Tensor, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest codebook entry of each row: z [N, D], codebook [K, D] -> (indices int64 [N],
+    squared distances fp32 [N]), never an [N, K] matrix for all N at once; ties go to the
+    lowest index. ``peco_kernels.vq_nearest`` (Triton or its torch reference)."""
+    return vq_nearest(z, codebook, metric="l2", backend=backend)
 
 
 def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -147,10 +134,12 @@ class EMAVectorQuantizer(nn.Module):
             with torch.no_grad():
                 if not bool(self.initialized):
                     self._collect_for_init(flat.detach())
-                idx, _ = nearest_code(flat.detach(), self.codebook)
-                stats = self._ema_update(flat.detach(), idx)
+                # fused: assignment + this rank's per-code counts and sums (deterministic)
+                idx, _, counts, sums = vq_nearest(flat.detach(), self.codebook, backend=self.cfg.kernels,
+                                                  return_stats=True)
+                stats = self._ema_update(flat.detach(), counts, sums)
         else:
-            idx, _ = nearest_code(flat, self.codebook)
+            idx, _ = nearest_code(flat, self.codebook, self.cfg.kernels)
         q = self.codebook[idx]  # [N, D]
         commit = self.cfg.beta * F.mse_loss(flat, q.detach())
         q = flat + (q - flat).detach()  # straight-through
@@ -164,7 +153,7 @@ class EMAVectorQuantizer(nn.Module):
         flat = z.permute(0, 2, 3, 1).reshape(-1, d).float()
         if self.cosine:
             flat = F.normalize(flat, dim=1)
-        return nearest_code(flat, self.codebook)[0].view(b, h, w)
+        return nearest_code(flat, self.codebook, self.cfg.kernels)[0].view(b, h, w)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes of token ids: [B, h, w] -> [B, D, h, w]."""
@@ -197,11 +186,8 @@ class EMAVectorQuantizer(nn.Module):
         self.code_age.zero_()
         self.initialized.fill_(True)
 
-    def _ema_update(self, flat: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One EMA step from this batch's assignments (all ranks' counts and sums)."""
-        k = self.cfg.codebook_size
-        counts = torch.bincount(idx, minlength=k).to(flat.dtype)  # [K]
-        sums = torch.zeros(k, flat.shape[1], dtype=flat.dtype, device=flat.device).index_add_(0, idx, flat)
+    def _ema_update(self, flat: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One EMA step from this rank's per-code counts [K] and sums [K, D] (all-reduced here)."""
         _, world = _world()
         if world > 1:
             packed = torch.cat([counts[:, None], sums], dim=1)  # one collective for both

@@ -1,0 +1,222 @@
+"""Benchmarks of the two kernels against their alternatives, at the shapes of real runs.
+
+    python -m peco_kernels.bench                      # both kernels, real shapes on CUDA
+    python -m peco_kernels.bench --kernel ce --results benchmarks/results/kernels.jsonl
+
+Masked linear + cross-entropy (V = 8192): masked rows per GPU of the recipes -- ViT-B/16 at 224
+(micro-batch 256 x 75 masked), ViT-L/16 at 448 (64 x 300), ViT-H/14 at 448 (32 x 392) -- for
+the Triton kernel, the eager torch reference, torch.compile of the reference, torch's native
+``F.linear_cross_entropy`` when present and Liger-Kernel's fused linear CE when installed;
+forward, backward and full (forward + backward). Nearest-code lookup (K = 8192, D = 32 and
+256): a micro-batch of token grids at 224 and 448 for the Triton kernel, the chunked torch
+reference and ``torch.cdist(...).argmin`` (which materialises [N, K]).
+
+Each row: median time (``triton.testing.do_bench`` on CUDA), peak memory above the inputs,
+achieved TFLOP/s and its fraction of a bf16 matmul peak measured in the same run; rows are
+appended to --results with GPU name, versions and date. Without CUDA the Triton rows cannot
+run at speed (the interpreter is for correctness), so only the torch variants are timed, at
+reduced shapes, and every row says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .reference import masked_linear_cross_entropy_reference, vq_nearest_reference
+
+CE_SHAPES = {  # name: (masked rows per GPU, hidden)
+    "vit_b16_224": (256 * 75, 768),
+    "vit_l16_448": (64 * 300, 1024),
+    "vit_h14_448": (32 * 392, 1280),
+}
+VQ_SHAPES = {  # name: (rows = micro-batch x token grid, D)
+    "224_d32": (64 * 14 * 14, 32), "448_d32": (32 * 32 * 32, 32),
+    "224_d256": (64 * 14 * 14, 256), "448_d256": (32 * 32 * 32, 256),
+}
+VOCAB = 8192
+
+
+def _bench(fn: Callable[[], object], cuda: bool, reps: int) -> float:
+    """Median milliseconds."""
+    if cuda:
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def _peak_mem(fn: Callable[[], object], cuda: bool) -> float:
+    """Peak bytes allocated above what was live before the call (CUDA only)."""
+    if not cuda:
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return float(torch.cuda.max_memory_allocated() - base)
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    ms = _bench(lambda: a @ b, device.type == "cuda", 5)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def _ce_variants(device: torch.device) -> dict[str, Callable]:
+    from .functional import masked_linear_cross_entropy
+
+    def ref(h, w, b, t):
+        return masked_linear_cross_entropy_reference(h, w, b, t)[0]
+
+    variants = {"torch_eager": ref}
+    if device.type == "cuda":
+        variants["triton"] = lambda h, w, b, t: masked_linear_cross_entropy(h, w, b, t, backend="triton", validate=False)
+        variants["torch_compile"] = torch.compile(ref)
+        native = getattr(F, "linear_cross_entropy", None)
+        if native is not None:
+            variants["torch_native"] = lambda h, w, b, t: native(h, w, t, bias=b)
+        try:
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+            variants["liger"] = lambda h, w, b, t: liger_fused_linear_cross_entropy(h, w, t, bias=b)
+        except ImportError:
+            pass
+    return variants
+
+
+def bench_ce(device: torch.device, dtype: torch.dtype, shapes: dict, reps: int, note: str) -> list[dict]:
+    cuda = device.type == "cuda"
+    rows = []
+    for shape, (m, hdim) in shapes.items():
+        g = torch.Generator(device=device).manual_seed(0)
+        h = (torch.randn(m, hdim, device=device, generator=g) * 0.5).to(dtype).requires_grad_()
+        w = (torch.randn(VOCAB, hdim, device=device, generator=g) * 0.02).to(dtype).requires_grad_()
+        b = torch.zeros(VOCAB, device=device, dtype=dtype, requires_grad=True)
+        t = torch.randint(0, VOCAB, (m,), device=device, generator=g)
+        flops = {"forward": 2 * m * hdim * VOCAB, "backward": 4 * m * hdim * VOCAB, "full": 6 * m * hdim * VOCAB}
+        for name, fn in _ce_variants(device).items():
+            def fwd():
+                with torch.no_grad():
+                    return fn(h, w, b, t)
+
+            def full():
+                h.grad = w.grad = b.grad = None
+                fn(h, w, b, t).backward()
+
+            try:
+                t_fwd, t_full = _bench(fwd, cuda, reps), _bench(full, cuda, reps)
+                mem = _peak_mem(full, cuda)
+            except Exception as exc:  # noqa: BLE001 - a variant that cannot run is reported, not fatal
+                rows.append({"kernel": "masked_linear_ce", "variant": name, "shape": shape, "error": repr(exc)[:200]})
+                continue
+            for phase, ms in (("forward", t_fwd), ("backward", max(t_full - t_fwd, 0.0)), ("full", t_full)):
+                rows.append({"kernel": "masked_linear_ce", "variant": name, "shape": shape, "rows": m, "hidden": hdim,
+                             "vocab": VOCAB, "dtype": str(dtype).replace("torch.", ""), "phase": phase, "ms": ms,
+                             "peak_mem_mb": mem / 2**20 if phase == "full" else None,
+                             "tflops": flops[phase] / (ms * 1e-3) / 1e12 if ms > 0 else None, "note": note})
+    return rows
+
+
+def bench_vq(device: torch.device, dtype: torch.dtype, shapes: dict, reps: int, note: str) -> list[dict]:
+    from .functional import vq_nearest
+
+    cuda = device.type == "cuda"
+    variants = {"torch_chunked": lambda z, c: vq_nearest_reference(z, c),
+                "torch_cdist_argmin": lambda z, c: torch.cdist(z.float(), c.float()).argmin(1)}
+    if cuda:
+        variants["triton"] = lambda z, c: vq_nearest(z, c, backend="triton")
+        variants["triton_with_stats"] = lambda z, c: vq_nearest(z, c, backend="triton", return_stats=True)
+    rows = []
+    for shape, (n, d) in shapes.items():
+        g = torch.Generator(device=device).manual_seed(0)
+        z = torch.randn(n, d, device=device, generator=g).to(dtype)
+        c = torch.randn(VOCAB, d, device=device, generator=g).to(dtype)
+        for name, fn in variants.items():
+            try:
+                ms = _bench(lambda: fn(z, c), cuda, reps)
+                mem = _peak_mem(lambda: fn(z, c), cuda)
+            except Exception as exc:  # noqa: BLE001
+                rows.append({"kernel": "vq_nearest", "variant": name, "shape": shape, "error": repr(exc)[:200]})
+                continue
+            rows.append({"kernel": "vq_nearest", "variant": name, "shape": shape, "rows": n, "dim": d, "codes": VOCAB,
+                         "dtype": str(dtype).replace("torch.", ""), "phase": "forward", "ms": ms,
+                         "peak_mem_mb": mem / 2**20, "tflops": 2 * n * VOCAB * d / (ms * 1e-3) / 1e12, "note": note})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m peco_kernels.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kernel", choices=("ce", "vq", "all"), default="all")
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions on CPU (CUDA uses do_bench)")
+    ap.add_argument("--scale", type=float, default=0.0,
+                    help="row-count scale of the shapes (default 1 on CUDA, 1/64 on CPU)")
+    ap.add_argument("--results", default="benchmarks/results/kernels.jsonl")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    scale = args.scale or (1.0 if cuda else 1 / 64)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    note = "" if cuda else ("CPU only: Triton rows need CUDA (the interpreter checks correctness, not speed); torch "
+                            f"references timed at {scale:g} x the real row counts")
+    if note:
+        print(note)
+    peak = matmul_peak_tflops(device, dtype)
+    ce = {k: (max(1, int(m * scale)), h) for k, (m, h) in CE_SHAPES.items()}
+    vq = {k: (max(1, int(n * scale)), d) for k, (n, d) in VQ_SHAPES.items()}
+    rows = []
+    if args.kernel in ("ce", "all"):
+        rows += bench_ce(device, dtype, ce, args.reps, note)
+    if args.kernel in ("vq", "all"):
+        rows += bench_vq(device, dtype, vq, args.reps, note)
+    meta = {"date": dt.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if cuda else (platform.processor() or "cpu"),
+            "matmul_peak_tflops": peak}
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    out = Path(args.results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        for r in rows:
+            r.update(meta)
+            if r.get("tflops"):
+                r["fraction_of_peak"] = r["tflops"] / peak
+            f.write(json.dumps(r) + "\n")
+    print(f"{meta['device']}, torch {meta['torch']}, bf16/fp32 matmul peak measured {peak:.1f} TFLOP/s")
+    print(f"{'kernel':18} {'variant':20} {'shape':12} {'phase':9} {'ms':>9} {'TFLOP/s':>8} {'peak MB':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['kernel']:18} {r['variant']:20} {r['shape']:12} error: {r['error']}")
+            continue
+        mem = r.get("peak_mem_mb")
+        print(f"{r['kernel']:18} {r['variant']:20} {r['shape']:12} {r['phase']:9} {r['ms']:9.3f} "
+              f"{r['tflops'] or 0:8.2f} {'' if mem is None or mem != mem else f'{mem:9.1f}'}")
+    print(f"rows appended to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,12 +7,27 @@ DEMO   := runs/demo
 # Two CPU ranks under the real deepspeed launcher (gloo); on a GPU box use --num_gpus N.
 DS_LAUNCH := DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} $(BIN)/deepspeed --num_gpus 2 --master_port $${MASTER_PORT:-29511}
 
-.PHONY: install demo test clean
+# FFCV builds from source against OpenCV and libturbojpeg found by pkg-config under the name
+# `opencv`; Debian names it opencv4, so a link in build/pkgconfig provides the expected name.
+PKGCONF := $(CURDIR)/build/pkgconfig
+
+.PHONY: install syslibs demo test clean
+
+syslibs:
+	@if ! pkg-config --exists opencv4 2>/dev/null || ! pkg-config --exists libturbojpeg 2>/dev/null; then \
+	  echo "installing FFCV's system libraries (pkg-config, OpenCV, libturbojpeg)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q pkg-config libopencv-dev libturbojpeg0-dev \
+	  || { echo "error: could not install pkg-config libopencv-dev libturbojpeg0-dev; install them, then rerun make"; exit 1; }; \
+	fi
+	mkdir -p $(PKGCONF)
+	ln -sf "$$(pkg-config --variable=pcfiledir opencv4)/opencv4.pc" $(PKGCONF)/opencv.pc
 
 $(STAMP): pyproject.toml
+	$(MAKE) syslibs
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip setuptools wheel -q
-	$(BIN)/python -m pip install -e ".[dev]"
+	PKG_CONFIG_PATH=$(PKGCONF):$$PKG_CONFIG_PATH $(BIN)/python -m pip install -e ".[dev,ffcv,dali]"
 	touch $(STAMP)
 
 install: $(STAMP)

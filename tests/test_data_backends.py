@@ -1,0 +1,69 @@
+"""The backend interface (peco_scale.data.backends) on the folder backend, and the data benchmark."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from peco_scale.data import DataError
+from peco_scale.data.backends import AugmentSpec, make_loader
+
+SPEC2 = AugmentSpec(64, "stage2", tokenizer_size=32, mask=dict(grid=(4, 4), num_masked=6))
+
+
+def _indices(loader, epoch, start=0):
+    loader.set_epoch(epoch)
+    loader.set_start_batch(start)
+    return [int(i) for b in loader for i in b["index"]]
+
+
+@pytest.mark.parametrize("task", ["stage1", "stage2", "finetune"])
+def test_folder_batches_follow_the_contract(demo_data, task):
+    spec = AugmentSpec(64, task, tokenizer_size=32, mask=dict(grid=(4, 4), num_masked=6))
+    loader = make_loader("folder", demo_data, spec, batch_size=8, seed=0)
+    loader.set_epoch(0)
+    b = next(iter(loader))
+    assert b["label"].dtype == torch.int64 and b["label"].shape == (8,) and b["skipped"] == 0
+    if task == "stage2":
+        assert b["patch"].shape == (8, 3, 64, 64) and b["tokenizer"].shape == (8, 3, 32, 32)
+        assert b["mask"].dtype == torch.bool and b["mask"].flatten(1).sum(1).eq(6).all()
+        assert -1 <= b["tokenizer"].min() and b["tokenizer"].max() <= 1
+    else:
+        img = b["image"]
+        assert img.shape == (8, 3, 64, 64)
+        if task == "stage1":
+            assert -1 <= img.min() and img.max() <= 1
+        else:  # ImageNet normalisation: values beyond [-1, 1] occur
+            assert img.min() < -1.0 or img.max() > 1.0
+
+
+def test_folder_sharding_and_mid_epoch_resume(demo_data):
+    ranks = [make_loader("folder", demo_data, SPEC2, batch_size=8, rank=r, world_size=2, seed=3) for r in range(2)]
+    assert ranks[0].batches_per_epoch == ranks[1].batches_per_epoch == 300 // 16
+    seen = [_indices(r, 1) for r in ranks]
+    everything = seen[0] + seen[1]
+    assert len(everything) == len(set(everything)) == 18 * 16  # each kept index once, drop-last
+    assert _indices(ranks[0], 1, start=5) == seen[0][5 * 8:]  # resume continues exactly
+    assert _indices(ranks[0], 2) != seen[0]  # a new permutation each epoch
+
+
+def test_unknown_backend_is_one_line(demo_data):
+    with pytest.raises(DataError, match="data backend 'beton' is unknown"):
+        make_loader("beton", demo_data, SPEC2, batch_size=8)
+
+
+def test_data_bench_runs_and_records(demo_data, tmp_path):
+    out = tmp_path / "bench.jsonl"
+    res = subprocess.run([sys.executable, "-m", "peco_scale.data.bench", "--backend", "folder", "--img_size", "64",
+                          "--workers", "0", "--batch_size", "8", "--batches", "3", "--data", str(demo_data),
+                          "--results", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert row["images"] == 24 and row["backend"] == "folder" and row["tokenizer_size"] == 64
+    assert row["images_per_s"] == pytest.approx(24 / row["seconds"])
+    assert np.isclose(row["images_per_s_per_core"] * row["cores"], row["images_per_s"])
+    assert "images/s per core" in res.stdout

@@ -1,0 +1,328 @@
+"""NVIDIA DALI backend: decoding and augmentation in a DALI pipeline (GPU "mixed" decode on
+CUDA, plain CPU operators otherwise), fed by the same sharded, resumable index order as the
+folder backend.
+
+Design (see also ``backends.py`` for the batch contract):
+
+- **Reading / order.** The pipeline's only input is an ``external_source`` whose Python callback
+  serves this rank's indices for the current epoch, taken from ``ShardedSampler.shard_indices()``
+  (same permutation, drop-last and strided shard as the folder backend), starting at
+  ``set_start_batch``'s batch. ``batches_per_epoch`` is therefore identical on every rank and a
+  mid-epoch resume continues with exactly the remaining samples. DALI's own sharding
+  (``readers.file(shard_id, num_shards, pad_last_batch)``) and ``enable_checkpointing`` are NOT
+  used: the reader's shards are contiguous and padded (not the folder backend's drop-last
+  strided shards), and its checkpoint is an opaque blob tied to the pipeline definition, while
+  here the whole loader state is ``(seed, epoch, start_batch)`` -- the integers the trainer
+  already checkpoints. One pipeline is built per epoch pass (``__iter__``); its end is signalled
+  by the callback raising StopIteration.
+
+- **Randomness / determinism.** Every random draw (crop window, flip, jitter factors, mask) is
+  made in the callback from the sample's seed ``sample_seed(seed, epoch, index)``: the crop,
+  flip and jitter from ``np.random.default_rng([sample_seed, 1])``, the mask from
+  ``BlockMaskGenerator(**spec.mask)(np.random.default_rng(sample_seed))``. The DALI operators
+  themselves are deterministic, so a sample's tensors are a pure function of
+  ``(seed, epoch, index)`` (given the same DALI version and device; CPU and GPU decoders/resizes
+  may differ by rounding): independent of rank count, thread count, prefetching and resume point.
+  The pipeline ``seed`` is still set, derived from ``(seed, epoch, rank)``, so any random operator
+  added later is reproducible per (seed, epoch, rank) -- but such an operator would NOT be
+  resume-exact (its state restarts with the pipeline), which is why none is used.
+
+- **One crop -> two views (stage 2).** The random-resized-crop window is drawn in Python with
+  torchvision's ``RandomResizedCrop.get_params`` algorithm (10 tries of area ~ U(scale), log-uniform
+  aspect ratio, then the centre-crop fallback) on the image size read from the file header, and
+  decoded with ``fn.decoders.image_slice`` (only that region is decoded). Colour jitter
+  (``fn.color_twist``: brightness, contrast, saturation factors ~ U[max(0, 1-j), 1+j], fixed order
+  b->c->s, unlike torchvision's random order; DALI's contrast pivots on mid-grey rather than the
+  image mean) is applied once to the crop, then the crop is resized (bicubic, antialiased) to
+  each view's size; the flip is applied in ``crop_mirror_normalize`` (a horizontal flip commutes
+  with a resize), which also normalises and lays out CHW float32 on the device.
+
+- **Corrupt files.** DALI's decoder error would abort the whole batch, so the callback checks
+  each file before handing it to DALI and substitutes the next readable file (i+1, i+2, ...,
+  wrapping), as the folder backend does; "skipped" counts samples whose own file was unreadable.
+  ``verify="header"`` (default, cheap): PIL parses the header (size, format) and JPEGs must have
+  an EOI marker after the last start-of-scan, PNGs an IEND chunk at the end -- this catches
+  truncation, the common corruption. ``verify="full"`` additionally decodes every file with PIL
+  (catches corrupt entropy-coded data too, at roughly twice the CPU cost). Formats other than
+  JPEG/PNG are always fully decoded by the check.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .backends import TASKS, AugmentSpec
+from .folder import DataError, ShardedSampler, _sample_seeds, _splitmix64, resolve_image_root, scan_image_folder
+from .masking import BlockMaskGenerator
+from .mim import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DALILoader", "crop_window"]
+
+_INSTALL_HINT = "pip install -e '.[dali]'"
+
+
+def _import_dali() -> tuple[Any, Any, Any]:
+    try:
+        from nvidia import dali
+        from nvidia.dali import fn, types
+    except ImportError as exc:  # pragma: no cover - exercised by monkeypatching in the tests
+        raise ImportError(f"the 'dali' data backend needs NVIDIA DALI ({exc}); install it with "
+                          f"`{_INSTALL_HINT}` or use --data.backend folder") from None
+    return dali, fn, types
+
+
+def crop_window(rng: np.random.Generator, width: int, height: int, scale: tuple[float, float],
+                ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """(left, top, w, h) of a random-resized crop, torchvision's ``get_params`` algorithm."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def _check_bytes(data: bytes, full: bool) -> tuple[int, int]:
+    """Raise if the encoded image looks unreadable; return its (width, height)."""
+    with Image.open(io.BytesIO(data)) as img:
+        fmt, size = img.format, img.size
+        if full or fmt not in ("JPEG", "PNG", "MPO"):
+            img.load()  # full decode: truncation / corrupt data raise here
+            return size
+    if fmt in ("JPEG", "MPO"):
+        if data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
+            raise OSError("truncated JPEG (no end-of-image marker after the last scan)")
+    elif b"IEND" not in data[-32:]:
+        raise OSError("truncated PNG (no IEND chunk at the end)")
+    return size
+
+
+class DALILoader:
+    """BatchLoader over an ImageFolder tree with a DALI pipeline (see the module docstring).
+
+    Yields the batch dicts of ``backends.py`` for ``spec.task`` plus ``"index"`` (int64 [B], the
+    dataset index each sample was requested as). ``device="cpu"`` runs CPU operators only
+    (``device_id=None``); ``"cuda"``/``"cuda:N"`` decodes on the GPU ("mixed") and returns CUDA
+    tensors.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], spec: AugmentSpec, *, batch_size: int, rank: int,
+                 world_size: int, seed: int, workers: int, device: str = "cpu",
+                 verify: str = "header", prefetch: int = 2) -> None:
+        self._dali, self._fn, self._types = _import_dali()
+        if spec.task not in TASKS:
+            raise DataError(f"task '{spec.task}' is unknown; use one of {', '.join(TASKS)}")
+        if spec.img_size < 1:
+            raise DataError(f"img_size={spec.img_size} must be >= 1; pass a positive --img_size")
+        if verify not in ("header", "full"):
+            raise DataError(f"verify='{verify}' is unknown; use 'header' or 'full'")
+        self.spec, self.seed, self.rank, self.world_size = spec, int(seed), int(rank), int(world_size)
+        self.batch_size, self.verify, self.prefetch = int(batch_size), verify, max(1, int(prefetch))
+        self.num_threads = max(1, int(workers))
+        dev = torch.device(device)
+        if dev.type not in ("cpu", "cuda"):
+            raise DataError(f"device '{device}' is not supported by the dali backend; use cpu or cuda")
+        self.device = dev
+        self.device_id = None if dev.type == "cpu" else (dev.index if dev.index is not None
+                                                          else torch.cuda.current_device())
+        self.root = resolve_image_root(root)
+        self.samples, self.classes, self.n_ignored = scan_image_folder(root)  # DataError if empty
+        self.mask_gen: BlockMaskGenerator | None = None
+        if spec.task == "stage2":
+            if spec.tokenizer_size < 1:
+                raise DataError(f"stage 2 needs tokenizer_size >= 1 (got {spec.tokenizer_size}); set "
+                                "AugmentSpec.tokenizer_size to the tokenizer's input size")
+            if "grid" not in spec.mask:
+                raise DataError(f"stage 2 needs the mask grid: AugmentSpec.mask={spec.mask!r} has no "
+                                "'grid'; pass e.g. mask={'grid': img_size // patch_size}")
+            try:
+                self.mask_gen = BlockMaskGenerator(**spec.mask)
+            except (TypeError, ValueError) as exc:
+                raise DataError(f"bad mask settings {spec.mask!r}: {exc}") from None
+        # external-source outputs, in order (unused ones would only cost time and warn)
+        self._fields = ("enc", "anchor", "shape", "flip", *(("jitter",) if spec.jitter > 0 else ()),
+                        "label", "index", "skipped", *(("mask",) if self.mask_gen is not None else ()))
+        self.sampler = ShardedSampler(len(self.samples), rank=rank, world_size=world_size,
+                                      batch_size=batch_size, seed=seed)
+        self._bad: set[int] = set()  # indices whose file failed the check (cached per process)
+        self._sizes: dict[int, tuple[int, int]] = {}
+
+    # ------------------------------------------------------------------ BatchLoader protocol
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's permutation; resets the start batch to 0."""
+        self.sampler.set_epoch(epoch)
+
+    def set_start_batch(self, batch: int) -> None:
+        """Skip this rank's first ``batch`` batches of the current epoch (resume by index)."""
+        self.sampler.set_start_batch(batch)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.sampler.start_batch
+
+    def pipeline_seed(self) -> int:
+        """DALI pipeline seed for the current (seed, epoch, rank)."""
+        key = _splitmix64(_splitmix64(_splitmix64(self.seed & (2**64 - 1)) ^ self.epoch) ^ self.rank)
+        return key & 0x7FFFFFFF
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        indices = self.sampler.shard_indices()
+        n_batches = len(indices) // self.batch_size
+        if n_batches == 0:
+            return
+        seeds = _sample_seeds(self.seed, self.epoch, indices)
+        pipe = self._build(_Source(self, indices, seeds))
+        try:
+            pipe.build()
+            for _ in range(n_batches):
+                yield self._to_batch(pipe.run())
+        finally:
+            del pipe
+
+    # ------------------------------------------------------------------ per-sample work (callback)
+
+    def _read(self, index: int) -> tuple[int, bytes, tuple[int, int]]:
+        """(j, bytes, (w, h)) of the first readable file at index, index+1, ... (wrapping)."""
+        n = len(self.samples)
+        for step in range(n):
+            j = (index + step) % n
+            if j in self._bad:
+                continue
+            path = self.samples[j][0]
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+                size = _check_bytes(data, self.verify == "full")
+                return j, data, size
+            except Exception as exc:  # noqa: BLE001 - any failure means "skip this file"
+                self._bad.add(j)
+                log.warning("skipping unreadable image %s (%s: %s)", path, type(exc).__name__, exc)
+        raise DataError(f"none of the {n} images under '{self.root}' could be read; "
+                        "check the files (e.g. open one with PIL) or point --data elsewhere")
+
+    def _sample(self, index: int, sseed: int) -> tuple:
+        j, data, (width, height) = self._read(index)
+        spec = self.spec
+        rng = np.random.default_rng([sseed, 1])
+        left, top, w, h = crop_window(rng, width, height, spec.scale, spec.ratio)
+        flip = bool(rng.random() < spec.hflip)
+        jit = rng.uniform(max(0.0, 1.0 - spec.jitter), 1.0 + spec.jitter, 3) if spec.jitter > 0 else np.ones(3)
+        row = {"enc": np.frombuffer(data, dtype=np.uint8),
+               "anchor": np.array([left, top], dtype=np.float32), "shape": np.array([w, h], dtype=np.float32),
+               "flip": np.array(int(flip), dtype=np.int32), "jitter": jit.astype(np.float32),
+               "label": np.array(self.samples[j][1], dtype=np.int64), "index": np.array(index, dtype=np.int64),
+               "skipped": np.array(int(j != index), dtype=np.int32)}
+        if self.mask_gen is not None:  # stage 2: the block mask from the sample's seed
+            row["mask"] = np.ascontiguousarray(self.mask_gen(np.random.default_rng(sseed)), dtype=bool)
+        return tuple(row[k] for k in self._fields)
+
+    # ------------------------------------------------------------------ pipeline
+
+    def _build(self, source: "_Source") -> Any:
+        dali, fn, types = self._dali, self._fn, self._types
+        spec = self.spec
+        pipe = dali.Pipeline(batch_size=self.batch_size, num_threads=self.num_threads,
+                             device_id=self.device_id, seed=self.pipeline_seed(),
+                             prefetch_queue_depth=self.prefetch)
+        gpu = self.device_id is not None
+        with pipe:
+            stage2 = spec.task == "stage2"
+            src = dict(zip(self._fields, fn.external_source(source=source, num_outputs=len(self._fields),
+                                                            batch=True)))
+            enc, anchor, shape, flip, jit = (src.get(k) for k in ("enc", "anchor", "shape", "flip", "jitter"))
+            label, index, skipped = src["label"], src["index"], src["skipped"]
+            img = fn.decoders.image_slice(enc, anchor, shape, device="mixed" if gpu else "cpu",
+                                          output_type=types.RGB, normalized_anchor=False,
+                                          normalized_shape=False, adjust_orientation=False)
+            if spec.jitter > 0:
+                img = fn.color_twist(img, brightness=jit[0], contrast=jit[1], saturation=jit[2])
+
+            def view(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
+                out = fn.resize(img, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC,
+                                antialias=True)
+                return fn.crop_mirror_normalize(out, mirror=flip, dtype=types.FLOAT, output_layout="CHW",
+                                                mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])
+
+            imagenet = (IMAGENET_MEAN, IMAGENET_STD)
+            half = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+            if stage2:
+                outs = (view(spec.img_size, *imagenet), view(spec.tokenizer_size, *half), src["mask"])
+            elif spec.task == "stage1":
+                outs = (view(spec.img_size, *half),)
+            else:
+                outs = (view(spec.img_size, *imagenet),)
+            pipe.set_outputs(*outs, label, index, skipped)
+        return pipe
+
+    def _tensor(self, out: Any) -> torch.Tensor:
+        if type(out).__name__ == "TensorListGPU":  # views decoded with device="mixed"
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            t = out.as_tensor()
+            arr = torch.empty(t.shape(), dtype=torch.float32, device=self.device)
+            feed_ndarray(t, arr, cuda_stream=torch.cuda.current_stream(self.device))
+            return arr
+        return torch.from_numpy(np.array(out.as_array())).to(self.device)
+
+    def _to_batch(self, outs: tuple) -> dict[str, Any]:
+        *views, label, index, skipped = outs
+        batch: dict[str, Any] = {}
+        if self.spec.task == "stage2":
+            batch["patch"] = self._tensor(views[0])
+            batch["tokenizer"] = self._tensor(views[1])
+            batch["mask"] = self._tensor(views[2])
+        else:
+            batch["image"] = self._tensor(views[0])
+        batch["label"] = self._tensor(label)
+        batch["index"] = self._tensor(index)
+        batch["skipped"] = int(np.array(skipped.as_array()).sum())
+        return batch
+
+
+class _Source:
+    """Batch-mode external-source callback: this rank's samples of one epoch pass, in order."""
+
+    def __init__(self, loader: DALILoader, indices: np.ndarray, seeds: np.ndarray) -> None:
+        self.loader, self.indices, self.seeds = loader, indices.tolist(), seeds.tolist()
+        self.pos = 0
+
+    def __call__(self) -> tuple[list[np.ndarray], ...]:
+        bs = self.loader.batch_size
+        if self.pos + bs > len(self.indices):
+            raise StopIteration
+        rows = [self.loader._sample(i, s) for i, s in
+                zip(self.indices[self.pos:self.pos + bs], self.seeds[self.pos:self.pos + bs])]
+        self.pos += bs
+        return tuple(list(col) for col in zip(*rows))

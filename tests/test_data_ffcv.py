@@ -1,0 +1,185 @@
+"""FFCV backend: .beton writer and the sharded, resumable FFCVLoader (CPU, small sizes)."""
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("ffcv")
+
+from peco_scale.data import DataError, ShardedSampler, scan_image_folder  # noqa: E402
+from peco_scale.data.backends import AugmentSpec  # noqa: E402
+from peco_scale.data.ffcv_backend import FFCVLoader, write_beton  # noqa: E402
+from peco_scale.data.folder import resolve_image_root  # noqa: E402
+from peco_scale.data.mim import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+
+# numba's dispatcher finalizer trips over ffcv recompiling its ctypes decoder per Loader (one per
+# epoch here); harmless "Exception ignored" noise at garbage collection.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+MAXRES = 96
+MASK = dict(grid=4, num_masked=6)
+
+
+@pytest.fixture(scope="module")
+def beton(demo_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ffcv") / "demo.beton"
+    summary = write_beton(demo_data, out, max_resolution=MAXRES, workers=2, progress=False)
+    assert summary["written"] == 300 and summary["skipped"] == 0 and len(summary["classes"]) == 10
+    side = json.loads((out.parent / "demo.beton.json").read_text())
+    assert side["max_resolution"] == MAXRES and side["count"] == 300 and side["skipped"] == 0
+    return out
+
+
+def _spec(task, size=32, **kw):
+    if task == "stage2":
+        kw.setdefault("tokenizer_size", size // 2)
+        kw.setdefault("mask", MASK)
+    return AugmentSpec(img_size=size, task=task, **kw)
+
+
+def _first(loader):
+    for b in loader:
+        return b
+
+
+@pytest.mark.parametrize("task", ["stage1", "stage2", "finetune"])
+def test_batch_contract(beton, task):
+    loader = FFCVLoader(beton, _spec(task), batch_size=16, seed=0, workers=2)
+    assert loader.batches_per_epoch == 300 // 16
+    b = _first(loader)
+    assert b["skipped"] == 0
+    assert b["label"].dtype == torch.int64 and b["label"].shape == (16,)
+    assert b["index"].dtype == torch.int64 and b["index"].shape == (16,)
+    if task == "stage1":
+        x = b["image"]
+        assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32
+        assert x.min() >= -1 and x.max() <= 1 and x.min() < -0.5 and x.max() > 0.5
+    elif task == "finetune":
+        x = b["image"]
+        assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32
+        lo = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+        hi = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+        assert x.min() >= lo - 1e-4 and x.max() <= hi + 1e-4
+    else:
+        p, t, m = b["patch"], b["tokenizer"], b["mask"]
+        assert p.shape == (16, 3, 32, 32) and p.dtype == torch.float32
+        assert t.shape == (16, 3, 16, 16) and t.dtype == torch.float32
+        assert t.min() >= -1 and t.max() <= 1
+        per_channel = (p.view(16, 3, -1) * torch.tensor(IMAGENET_STD).view(1, 3, 1)
+                       + torch.tensor(IMAGENET_MEAN).view(1, 3, 1))
+        assert per_channel.min() >= -1e-4 and per_channel.max() <= 1 + 1e-4
+        assert m.shape == (16, 4, 4) and m.dtype == torch.bool
+        assert (m.flatten(1).sum(1) == MASK["num_masked"]).all()
+
+
+def test_stage2_views_share_one_crop(beton):
+    loader = FFCVLoader(beton, _spec("stage2", size=64, tokenizer_size=32), batch_size=32, seed=3, workers=2)
+    b = _first(loader)
+    patch01 = b["patch"] * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    tok01 = b["tokenizer"] * 0.5 + 0.5
+    a = F.adaptive_avg_pool2d(patch01, 8)
+    c = F.adaptive_avg_pool2d(tok01, 8)
+    same = (a - c).abs().mean(dim=(1, 2, 3))
+    other = (a - c.roll(1, dims=0)).abs().mean(dim=(1, 2, 3))
+    assert same.max() < 0.03, same
+    assert same.mean() * 4 < other.mean()  # the check can tell different crops apart
+
+
+def test_sharding_two_ranks_cover_epoch_once(beton):
+    bs, per = 16, {}
+    for rank in range(2):
+        loader = FFCVLoader(beton, _spec("stage1", size=16, jitter=0.0), batch_size=bs, rank=rank,
+                            world_size=2, seed=5, workers=1)
+        loader.set_epoch(2)
+        batches = [b["index"].numpy() for b in loader]
+        assert len(batches) == loader.batches_per_epoch == 300 // (2 * bs)
+        per[rank] = np.concatenate(batches)
+        # same order as the folder backend's sampler (nothing skipped: positions == folder indices)
+        ref = ShardedSampler(300, rank=rank, world_size=2, batch_size=bs, seed=5)
+        ref.set_epoch(2)
+        np.testing.assert_array_equal(per[rank], ref.shard_indices())
+    both = np.concatenate([per[0], per[1]])
+    assert len(both) == (300 // (2 * bs)) * 2 * bs
+    assert len(np.unique(both)) == len(both)  # every kept index at most once, ranks disjoint
+    assert set(both.tolist()) <= set(range(300))
+
+
+def test_resume_mid_epoch_is_exact_and_deterministic(beton):
+    spec = _spec("stage2", size=32, tokenizer_size=16)
+    full = FFCVLoader(beton, spec, batch_size=32, seed=7, workers=2)
+    full.set_epoch(1)
+    ref = list(full)
+    resumed = FFCVLoader(beton, spec, batch_size=32, seed=7, workers=1)  # other worker count
+    resumed.set_epoch(1)
+    resumed.set_start_batch(3)
+    rest = list(resumed)
+    assert len(rest) == len(ref) - 3
+    np.testing.assert_array_equal(torch.cat([b["index"] for b in rest]).numpy(),
+                                  torch.cat([b["index"] for b in ref[3:]]).numpy())
+    for a, b in zip(ref[3:], rest):  # same samples, same crops/flip/jitter/masks
+        assert torch.equal(a["patch"], b["patch"]) and torch.equal(a["tokenizer"], b["tokenizer"])
+        assert torch.equal(a["mask"], b["mask"]) and torch.equal(a["label"], b["label"])
+    resumed.set_start_batch(resumed.batches_per_epoch)
+    assert list(resumed) == []
+    # a different epoch gives a different order and different augmentation
+    full.set_epoch(2)
+    other = _first(full)
+    assert not torch.equal(other["index"], ref[0]["index"])
+
+
+def test_writer_skips_and_counts_corrupt_images(demo_data, tmp_path):
+    src, root = tmp_path / "tree", resolve_image_root(demo_data)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())[:2]
+    for c in classes:
+        shutil.copytree(root / c, src / c)
+    good = sorted((src / classes[0]).iterdir())[0]
+    data = good.read_bytes()
+    (src / classes[0] / "zz_truncated.jpg").write_bytes(data[: len(data) // 3])
+    (src / classes[1] / "zz_not_an_image.jpg").write_bytes(b"this is not a jpeg\n" * 20)
+    (src / classes[1] / "notes.txt").write_text("ignored")
+    n_scanned = len(scan_image_folder(src)[0])
+    out = tmp_path / "c.beton"
+    s = write_beton(src, out, max_resolution=64, mode="raw", workers=2, progress=False)
+    assert s["skipped"] == 2 and s["written"] == n_scanned - 2 and s["ignored"] == 1
+    assert {p.rsplit("/", 1)[-1] for p in s["skipped_files"]} == {"zz_truncated.jpg", "zz_not_an_image.jpg"}
+    side = json.loads(out.with_name("c.beton.json").read_text())
+    assert side["count"] == n_scanned - 2 and side["skipped"] == 2
+    assert not list(tmp_path.glob("*.tmp-*"))  # atomic: no temp left behind
+    loader = FFCVLoader(out, _spec("stage1", size=16), batch_size=8, seed=0, workers=1)
+    seen = np.concatenate([b["index"].numpy() for b in loader])
+    kept_folder_idx = [i for i, (p, _) in enumerate(scan_image_folder(src)[0]) if "zz_" not in p]
+    assert set(seen.tolist()) <= set(kept_folder_idx) and len(seen) == (n_scanned - 2) // 8 * 8
+
+
+def test_bad_inputs_raise_one_line(beton, tmp_path, monkeypatch):
+    def one_line(exc_info, *words):
+        msg = str(exc_info.value)
+        assert "\n" not in msg and all(w in msg for w in words), msg
+
+    with pytest.raises(DataError) as e:
+        FFCVLoader(tmp_path / "nope.beton", _spec("stage1"), batch_size=4, seed=0)
+    one_line(e, "nope.beton", "does not exist")
+    with pytest.raises(DataError) as e:
+        FFCVLoader(beton, _spec("stage2", size=128, tokenizer_size=64), batch_size=4, seed=0)
+    one_line(e, "max_resolution=96", "128")
+    with pytest.raises(DataError) as e:
+        FFCVLoader(beton, _spec("stage1"), batch_size=200, world_size=2, rank=0, seed=0)
+    one_line(e, "smaller than one global batch")
+    bad = tmp_path / "bad" / "cls"
+    bad.mkdir(parents=True)
+    (bad / "a.jpg").write_bytes(b"garbage")
+    with pytest.raises(DataError) as e:
+        write_beton(tmp_path / "bad", tmp_path / "bad.beton", workers=1, progress=False)
+    one_line(e, "could be decoded")
+    with pytest.raises(DataError) as e:
+        write_beton(tmp_path / "missing", tmp_path / "m.beton", workers=1, progress=False)
+    one_line(e, "does not exist")
+    monkeypatch.setitem(sys.modules, "ffcv", None)
+    with pytest.raises(ImportError) as e:
+        FFCVLoader(beton, _spec("stage1"), batch_size=4, seed=0)
+    one_line(e, "pip install -e '.[ffcv]'", "make syslibs")

@@ -5,6 +5,9 @@ Commands:
         Write (or reuse) the offline demo ImageFolder tree at DIR/train.
     scan DIR
         Count images and classes of an ImageFolder tree without decoding anything.
+    convert --to ffcv --data DIR --out FILE.beton [--max_resolution N] [--mode jpg|raw] [--quality Q]
+        Write an FFCV .beton (unreadable images skipped and counted; written atomically; an
+        up-to-date output is reused). DALI reads the folder itself: nothing to convert.
 """
 
 from __future__ import annotations
@@ -35,6 +38,34 @@ def _cmd_scan(args: argparse.Namespace) -> None:
           f" ({n_ignored} non-image files ignored)")
 
 
+def _cmd_convert(args: argparse.Namespace) -> None:
+    if args.to == "dali":
+        print("dali reads the ImageFolder tree directly (--data.backend dali --data PATH): nothing to convert")
+        return
+    import json
+    from pathlib import Path
+
+    try:
+        from .ffcv_backend import write_beton
+    except ImportError as exc:
+        raise DataError(str(exc)) from None
+    out, side = Path(args.out), Path(str(args.out) + ".json")
+    samples, _, _ = scan_image_folder(args.data)
+    if out.is_file() and side.is_file():
+        meta = json.loads(side.read_text())
+        same = (meta.get("max_resolution") == args.max_resolution and meta.get("mode") == args.mode
+                and meta.get("scanned", meta.get("count", 0) + meta.get("skipped", 0)) == len(samples))
+        if same and not args.overwrite:
+            print(f"{out} is up to date ({meta.get('count')} images, {meta.get('skipped', 0)} skipped); "
+                  f"--overwrite to rewrite")
+            return
+    t0 = time.perf_counter()
+    res = write_beton(args.data, out, max_resolution=args.max_resolution, jpeg_quality=args.quality, mode=args.mode,
+                      workers=args.workers)
+    print(f"wrote {out}: {res['written']} images in {len(res['classes'])} classes, {res['skipped']} unreadable "
+          f"skipped, {res.get('ignored', 0)} non-image files ignored, in {time.perf_counter() - t0:.1f}s")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m peco_scale.data", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -49,11 +80,24 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("scan", help="count images/classes in an ImageFolder tree")
     s.add_argument("root")
     s.set_defaults(func=_cmd_scan)
+    c = sub.add_parser("convert", help="convert an ImageFolder tree for the ffcv backend")
+    c.add_argument("--to", choices=("ffcv", "dali"), required=True)
+    c.add_argument("--data", required=True, help="ImageFolder root")
+    c.add_argument("--out", help="output .beton (ffcv)")
+    c.add_argument("--max_resolution", type=int, default=512, help="longest stored side (>= the training size)")
+    c.add_argument("--mode", choices=("jpg", "raw"), default="jpg")
+    c.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    c.add_argument("--workers", type=int, default=2)
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=_cmd_convert)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "to", None) == "ffcv" and not args.out:
+        print("error: convert --to ffcv needs --out FILE.beton", file=sys.stderr)
+        return 2
     try:
         args.func(args)
     except DataError as exc:

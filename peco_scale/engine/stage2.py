@@ -13,12 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from ..config import ConfigError, to_dict
-from ..data import ImageFolderDataset, ShardedSampler
-from ..data.masking import BlockMaskGenerator
-from ..data.mim import MIMTransform
+from ..data.backends import AugmentSpec, make_loader
 from ..models.artifact import load_tokenizer, tokenizer_identity
 from ..models.mim import MIMTask
 from ..models.vit import MaskedViT, VIT_PRESETS, param_groups
@@ -71,15 +68,25 @@ def _check_resume_compatible(folder: Path, token_id: str, world: int) -> None:
                           f"it to a universal checkpoint with DeepSpeed's ds_to_universal.py first")
 
 
+def build_loader(cfg: Stage2Config, r: Resolved):
+    """This rank's stage-2 loader (folder, ffcv or dali): both views of one crop + the block mask."""
+    import os
+
+    d = cfg.data
+    spec = AugmentSpec(r.img_size, "stage2", scale=(d.min_crop_scale, 1.0), hflip=d.hflip, jitter=d.jitter,
+                       tokenizer_size=r.tokenizer_img_size,
+                       mask=dict(grid=r.grid, num_masked=r.num_masked, min_block=r.min_block,
+                                 min_aspect=cfg.mask.min_aspect))
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    return make_loader(d.backend, d.path, spec, batch_size=r.batch_size, rank=int(os.environ.get("RANK", "0")),
+                       world_size=r.world_size, seed=cfg.train.seed, workers=d.workers, device=device)
+
+
 def pretrain(cfg: Stage2Config, ds_dict: dict[str, Any]) -> dict[str, Any]:
     """Run stage 2 as configured; returns a summary. All ranks call it."""
     r = resolve_stage2(cfg)
     t, o = cfg.train, cfg.optim
-    transform = MIMTransform(r.img_size, r.tokenizer_img_size,
-                             BlockMaskGenerator(r.grid, r.num_masked, min_block=r.min_block,
-                                                min_aspect=cfg.mask.min_aspect),
-                             scale=(cfg.data.min_crop_scale, 1.0), hflip=cfg.data.hflip, jitter=cfg.data.jitter)
-    dataset = ImageFolderDataset(cfg.data.path, transform)  # fails fast on a missing/empty folder
+    loader = build_loader(cfg, r)  # fails fast on a missing/empty dataset, before the process group starts
     token_id = tokenizer_identity(cfg.tokenizer.path)
     ckpt = CheckpointManager(Path(t.output_dir) / "checkpoints", keep_last=t.keep_last)
     resume_from = None
@@ -96,17 +103,15 @@ def pretrain(cfg: Stage2Config, ds_dict: dict[str, Any]) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
-    sampler = ShardedSampler(len(dataset), rank=rank, world_size=world, batch_size=r.batch_size, seed=t.seed)
-    steps_per_epoch = sampler.batches_per_epoch // r.grad_accum
+    steps_per_epoch = loader.batches_per_epoch // r.grad_accum
     if steps_per_epoch == 0:
-        raise ConfigError(f"{len(dataset)} images give {sampler.batches_per_epoch} micro-batches per rank, fewer than "
-                          f"the {r.grad_accum} accumulation steps of one optimizer step; lower the batch size")
+        raise ConfigError(f"{cfg.data.path} gives {loader.batches_per_epoch} micro-batches per rank, fewer than the "
+                          f"{r.grad_accum} accumulation steps of one optimizer step; lower the batch size")
     total_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
     warmup = o.warmup_steps if o.warmup_steps >= 0 else int(round(o.warmup_epochs * steps_per_epoch))
     base_lr = o.lr * r.global_batch / o.base_batch
-    log.info("data: %d images in %d classes from %s; %d steps/epoch at global batch %d (%d x %d accum x %d ranks)",
-             len(dataset), len(dataset.classes), cfg.data.path, steps_per_epoch, r.global_batch, r.batch_size,
-             r.grad_accum, world)
+    log.info("data: %s backend on %s; %d steps/epoch at global batch %d (%d x %d accum x %d ranks)",
+             cfg.data.backend, cfg.data.path, steps_per_epoch, r.global_batch, r.batch_size, r.grad_accum, world)
 
     torch.manual_seed(t.seed)  # identical init on every rank
     task = build_task(cfg, r, device)
@@ -145,19 +150,13 @@ def pretrain(cfg: Stage2Config, ds_dict: dict[str, Any]) -> dict[str, Any]:
     state = {"config": to_dict(cfg), "world_size": world, "tokenizer": {"sha256": token_id, "path": str(cfg.tokenizer.path)},
              "model": {"name": r.model_name, "img_size": r.img_size}}
     dtype = torch.bfloat16 if bf16 else torch.float32
-    loader = DataLoader(dataset, batch_size=r.batch_size, sampler=sampler, num_workers=cfg.data.workers,
-                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=False,
-                        multiprocessing_context="fork" if cfg.data.workers else None,
-                        # its own generator: making an iterator must not draw from the global RNG that
-                        # drop-path uses, or a resumed run (new iterator mid-epoch) would diverge
-                        generator=torch.Generator().manual_seed(t.seed))
     engine.train()
     step, last, skipped = start_step, {}, 0.0
     window = Window()
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        sampler.set_start_batch(offset * r.grad_accum)
+        loader.set_epoch(epoch)
+        loader.set_start_batch(offset * r.grad_accum)
         batches = iter(loader)
         for _ in range(steps_per_epoch - offset):
             lr = lr_at(step, base_lr, warmup=warmup, total=total_steps, floor=min(o.min_lr, base_lr))
@@ -166,11 +165,10 @@ def pretrain(cfg: Stage2Config, ds_dict: dict[str, Any]) -> dict[str, Any]:
             acc = {"loss": 0.0, "mlm_acc": 0.0}
             for _micro in range(r.grad_accum):
                 batch = next(batches)
-                views = batch["image"]
-                skipped += float(batch["skipped"].sum())
-                out = engine(views["patch"].to(device, dtype, non_blocking=True),
-                             views["tokenizer"].to(device, non_blocking=True),
-                             views["mask"].to(device, non_blocking=True))
+                skipped += float(batch["skipped"])
+                out = engine(batch["patch"].to(device, dtype, non_blocking=True),
+                             batch["tokenizer"].to(device, non_blocking=True),
+                             batch["mask"].to(device, non_blocking=True))
                 engine.backward(out["loss"])
                 engine.step()
                 for k in acc:

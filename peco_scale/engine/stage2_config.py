@@ -44,8 +44,9 @@ class TokenizerRef:
 
 @dataclass
 class DataConfig:
-    path: str = field("", "ImageFolder root (root/<class>/<img> or root/train/<class>/<img>)")
-    workers: int = field(8, "DataLoader workers per rank")
+    path: str = field("", "ImageFolder root (root/<class>/<img> or root/train/<class>/<img>), or a .beton for ffcv")
+    backend: str = field("folder", "folder (PIL in DataLoader workers), ffcv (a .beton) or dali (the folder)")
+    workers: int = field(8, "loader workers (folder, ffcv) or threads (dali) per rank")
     min_crop_scale: float = field(0.08, "RandomResizedCrop minimum area fraction")
     jitter: float = field(0.4, "colour jitter strength (brightness, contrast, saturation)")
     hflip: float = field(0.5, "horizontal flip probability")
@@ -219,6 +220,8 @@ def resolve_stage2(cfg: Stage2Config, world_size: int | None = None) -> Resolved
         raise ConfigError(f"optim.lr={o.lr} and optim.base_batch={o.base_batch} must be positive")
     if t.resume not in ("", "auto") and not Path(t.resume).is_dir():
         raise ConfigError(f"train.resume='{t.resume}' is neither 'auto' nor a checkpoint folder")
+    if cfg.data.backend not in ("folder", "ffcv", "dali"):
+        raise ConfigError(f"data.backend='{cfg.data.backend}' must be folder, ffcv or dali")
     if not cfg.data.path:
         raise ConfigError("no data given; pass --data DIR (an ImageFolder tree, or `python -m peco_scale.data demo "
                           "--out DIR` for the demo set)")

@@ -9,20 +9,23 @@ Conversion is not resumable (a killed run leaves only a ``*.tmp-<pid>`` file; re
 
 Loader (:class:`FFCVLoader`), the BatchLoader protocol of ``backends.py``:
 
-- Order: one ffcv ``Loader`` per ``__iter__`` with ``indices=`` this rank's index list and
-  ``OrderOption.SEQUENTIAL`` (never QUASI_RANDOM, which does not shard). The list is
+- Order: one ffcv ``Loader`` per FFCVLoader, compiled once; each ``__iter__`` runs an ffcv
+  ``EpochIterator`` over this rank's index list in that order (sequential traversal; never
+  QUASI_RANDOM, which does not shard). The list is
   ``ShardedSampler(n, ...).shard_indices()`` over the ``.beton`` positions -- the very same
   permutation / drop-last / strided sharding / start-batch skip as the folder backend. When the
   writer skipped nothing, ``.beton`` position == folder index, so both backends visit the same
   images in the same order on every rank.
 - One crop for both stage-2 views: the compiled ffcv decoder decodes and random-resized-crops once
-  to ``C = max(img_size, tokenizer_size)`` (ffcv's resize, area-style), then torch flips, jitters
-  and resizes that single ``C x C`` crop down to ``img_size`` and ``tokenizer_size`` (bicubic,
+  to ``C = max(img_size, tokenizer_size)`` (ffcv's resize, area-style), then that single crop is
+  flipped, jittered and resized down to ``img_size`` and ``tokenizer_size`` (bicubic,
   antialias=True; a view of size ``C`` is not resampled again). The folder backend resizes the
   crop box straight to each size, so pixels differ by one extra resampling, geometry does not.
 - Randomness is a pure function of ``(seed, epoch, index)`` with ``index`` the folder (scan) index
   stored in the ``.beton``: the crop is drawn inside the compiled decoder from numba's
-  ``np.random`` re-seeded per sample from ``sample_seed(seed, epoch, index)`` (numba keeps one
+  ``np.random`` re-seeded per sample from ``sample_seed(seed, epoch, index)`` (the seeds are
+  computed per epoch in numpy and handed to the decoder at run time, so nothing is recompiled
+  per epoch; numba keeps one
   RNG state per thread, and seed + draws happen in one iteration on one thread, so the
   thread schedule does not matter); flip, jitter factors / order and the block mask come from
   ``np.random.default_rng(sample_seed(...))`` in Python. So a batch is bit-reproducible on
@@ -37,6 +40,11 @@ Loader (:class:`FFCVLoader`), the BatchLoader protocol of ``backends.py``:
   ``C x C`` crop before the resizes, so both views get the same jitter.
 - Crop distribution: ffcv's ``get_random_crop`` is torchvision's RandomResizedCrop algorithm
   (area ~ U(scale), log-ratio ~ U(log ratio), 10 tries, centre fallback).
+- Threads: ffcv's thread decodes + crops; a second thread does flip + jitter (one fused numba
+  kernel, serial per sample), the resizes and the masks, so the torch side overlaps decoding.
+  Stopping mid-epoch (``break``, ``max_steps``; the generator is closed or collected) stops and
+  joins both threads; iterators still open at interpreter exit are stopped by an atexit hook
+  (a thread left inside numba at exit aborts the process).
 
 The batch carries an extra ``"index"`` int64 [B] (folder index) next to the keys of
 ``backends.py``; ``"skipped"`` is always 0 (bad files are dropped at conversion time).
@@ -44,9 +52,13 @@ The batch carries an extra ``"index"`` int64 [B] (folder index) next to the keys
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import queue
+import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from queue import Empty
@@ -58,7 +70,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .backends import TASKS, AugmentSpec
-from .folder import DataError, ShardedSampler, _epoch_key, _sample_seeds, scan_image_folder
+from .folder import DataError, ShardedSampler, _sample_seeds, _splitmix64_np, scan_image_folder
 from .masking import BlockMaskGenerator
 from .mim import IMAGENET_MEAN, IMAGENET_STD
 
@@ -191,35 +203,30 @@ def write_beton(root: str | os.PathLike[str], out_path: str | os.PathLike[str], 
 
 # ----------------------------------------------------------------------------- loader
 
-_U64 = np.uint64
-_GOLD, _M1, _M2 = _U64(0x9E3779B97F4A7C15), _U64(0xBF58476D1CE4E5B9), _U64(0x94D049BB133111EB)
-_S30, _S27, _S31 = _U64(30), _U64(27), _U64(31)
-_MASK63_U = _U64((1 << 63) - 1)
-_LOW32 = _U64(0xFFFFFFFF)
-_CROP_SALT = _U64(0xC0FFEE5EED)
+_CROP_SALT = np.uint64(0xC0FFEE5EED)
+_LOW32 = np.uint64(0xFFFFFFFF)
 
 
-def _seed_crop_rng(epoch_key, index):
-    """Seed (numba's per-thread) np.random from sample_seed(seed, epoch, index).
+def _crop_seeds(seed: int, epoch: int, folder_index: np.ndarray) -> np.ndarray:
+    """Per-sample crop seed (int64 in [0, 2**32)) for numba's np.random, vectorised.
 
-    SplitMix64 is inlined twice (numba cannot call plain Python globals); the first mix is
-    exactly folder.sample_seed, the second derives the crop stream from it.
+    ``sample_seed(seed, epoch, index)`` mixed once more with a salt, so the crop stream is
+    independent of the Python-side (flip / jitter / mask) stream of the same sample.
     """
-    x = (epoch_key ^ index) + _GOLD
-    x = (x ^ (x >> _S30)) * _M1
-    x = (x ^ (x >> _S27)) * _M2
-    s = (x ^ (x >> _S31)) & _MASK63_U  # == folder.sample_seed(seed, epoch, index)
-    x = (s ^ _CROP_SALT) + _GOLD
-    x = (x ^ (x >> _S30)) * _M1
-    x = (x ^ (x >> _S27)) * _M2
-    x = x ^ (x >> _S31)
-    np.random.seed(np.int64(x & _LOW32))
+    s = _sample_seeds(seed, epoch, np.asarray(folder_index, dtype=np.int64)).astype(np.uint64)
+    return (_splitmix64_np(s ^ _CROP_SALT) & _LOW32).astype(np.int64)
 
 
-def _make_decoder(output_size: int, scale, ratio, epoch_key: int, scan_index: np.ndarray):
-    """ffcv RandomResizedCrop decoder whose crop is seeded per sample (see module doc)."""
+def _make_decoder(output_size: int, scale, ratio):
+    """ffcv RandomResizedCrop decoder whose crop is seeded per sample (see module doc).
+
+    The seeds arrive at run time in a third scratch buffer (``[B, 1]`` int64, filled by
+    :class:`_SeededEpochIterator` just before each batch runs), so the pipeline is compiled once
+    per ffcv ``Loader`` and reused for every epoch.
+    """
     from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_random_crop
     from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
 
     class SeededRandomResizedCropDecoder(ResizedCropRGBImageDecoder):
@@ -232,6 +239,10 @@ def _make_decoder(output_size: int, scale, ratio, epoch_key: int, scan_index: np
         def get_crop_generator(self):
             return get_random_crop
 
+        def declare_state_and_memory(self, previous_state):
+            state, (dest, temp) = super().declare_state_and_memory(previous_state)
+            return state, (dest, temp, AllocationQuery((1,), np.dtype("<i8")))
+
         def generate_code(self):
             jpg = IMAGE_MODES["jpg"]
             mem_read = self.memory_read
@@ -239,13 +250,10 @@ def _make_decoder(output_size: int, scale, ratio, epoch_key: int, scan_index: np
             imdecode_c = Compiler.compile(imdecode)
             resize_crop_c = Compiler.compile(resize_crop)
             get_crop_c = Compiler.compile(get_random_crop)
-            seed_c = Compiler.compile(_seed_crop_rng)
             sc, ra = self.scale, self.ratio
-            key = _U64(epoch_key)
-            folder_index = scan_index.astype(np.uint64)
 
             def decode(batch_indices, my_storage, metadata, storage_state):
-                destination, temp_storage = my_storage
+                destination, temp_storage, seeds = my_storage
                 for dst_ix in my_range(len(batch_indices)):
                     source_ix = batch_indices[dst_ix]
                     field = metadata[source_ix]
@@ -261,7 +269,8 @@ def _make_decoder(output_size: int, scale, ratio, epoch_key: int, scan_index: np
                         temp_buffer = temp_buffer.reshape(height, width, 3)
                     else:
                         temp_buffer = image_data.reshape(height, width, 3)
-                    seed_c(key, folder_index[source_ix])
+                    # numba keeps one RNG state per thread; seed + draws happen here, on one thread
+                    np.random.seed(seeds[dst_ix, 0])
                     i, j, h, w = get_crop_c(height, width, sc, ra)
                     resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
                 return destination[:len(batch_indices)]
@@ -270,6 +279,113 @@ def _make_decoder(output_size: int, scale, ratio, epoch_key: int, scan_index: np
             return decode
 
     return SeededRandomResizedCropDecoder()
+
+
+def _seeded_epoch_iterator(loader, order: np.ndarray, crop_seeds: np.ndarray):
+    """An ffcv ``EpochIterator`` over ``order`` that fills the decoder's seed buffer per batch.
+
+    ``crop_seeds`` is indexed by ``.beton`` position. Built on the (once compiled) ``loader``.
+    """
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    class _SeededEpochIterator(EpochIterator):
+        def __init__(self) -> None:
+            self._crop_seeds = crop_seeds
+            self._seed_bufs = None
+            super().__init__(loader, order)  # starts the thread
+
+        def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
+            if self._seed_bufs is None:
+                self._seed_bufs = [v[2] for v in self.memory_allocations["operation"].values()
+                                   if isinstance(v, tuple) and len(v) == 3]
+            for buf in self._seed_bufs:
+                buf[batch_slot, :len(batch_indices), 0] = self._crop_seeds[batch_indices]
+            return super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
+
+    return _SeededEpochIterator()
+
+
+def _stop_epoch_iterator(it) -> None:
+    """Stop ffcv's loader thread and wait for it (it otherwise runs on after an early exit and
+    a thread still inside numba at interpreter exit aborts the process)."""
+    it.terminate_event.set()
+    it.iter_ixes = iter(())  # the thread finishes its current batch, then sees the end
+    while it.is_alive():
+        try:  # unblock a pending put (of a batch or of the end marker)
+            it.output_queue.get(timeout=0.05)
+        except Empty:
+            pass
+        it.join(timeout=0.01)
+    it.close()
+
+
+_LIVE: "weakref.WeakSet[_Epoch]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:  # iterators still referenced at exit (never closed by the caller)
+    for ep in list(_LIVE):
+        ep.stop()
+
+
+class _Epoch:
+    """One epoch: ffcv's thread decodes + crops, a second thread runs the torch side
+    (flip / jitter / resize / mask) so it overlaps with decoding; the caller only dequeues."""
+
+    def __init__(self, owner: "FFCVLoader", it, epoch: int, prefetch: int) -> None:
+        self.owner, self.it, self.epoch = owner, it, epoch
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._produce, name="ffcv-finish", daemon=True)
+        self._stopped = False
+        _LIVE.add(self)
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stop_event.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _produce(self) -> None:
+        try:
+            while not self.stop_event.is_set():
+                batch = _next_or_raise(self.it, self.owner.path, self.stop_event)
+                if batch is None:
+                    break
+                image, label, index = batch
+                if not self._put(("ok", self.owner._finish(image, label, index, self.epoch))):
+                    return
+            self._put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            self._put(("err", exc))
+        finally:
+            _stop_epoch_iterator(self.it)
+
+    def get(self):
+        while True:
+            try:
+                return self.queue.get(timeout=0.5)
+            except queue.Empty:
+                if not self.thread.is_alive() and self.queue.empty():
+                    raise DataError(f"the ffcv batch thread for '{self.owner.path}' stopped "
+                                    "without a result (traceback above)") from None
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self.stop_event.set()
+        while self.thread.is_alive():
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                pass
+            self.thread.join(timeout=0.02)
+        _LIVE.discard(self)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -300,7 +416,66 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) ->
     return x
 
 
-def _next_or_raise(it, path: Path):
+def _flip_jitter_py(img, flip, factors, order, out):
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [0, 1]: per-sample horizontal flip, then
+    brightness / contrast / saturation (factors [B, 3]) in the per-sample ``order`` [B, 3]
+    (torchvision tensor formulas, clamped to [0, 1] after each op). Serial per sample (numba,
+    nogil): the result does not depend on the thread count."""
+    n, h, w = img.shape[0], img.shape[1], img.shape[2]
+    inv = np.float32(1.0 / 255.0)
+    r_w, g_w, b_w = np.float32(0.299), np.float32(0.587), np.float32(0.114)
+    zero, one = np.float32(0.0), np.float32(1.0)
+    for b in range(n):
+        for c in range(3):
+            for y in range(h):
+                for x in range(w):
+                    sx = w - 1 - x if flip[b] else x
+                    out[b, c, y, x] = np.float32(img[b, y, sx, c]) * inv
+        for step in range(3):
+            op = order[b, step]
+            f = np.float32(factors[b, op])
+            if f == one:
+                continue
+            if op == 0:
+                for c in range(3):
+                    for y in range(h):
+                        for x in range(w):
+                            out[b, c, y, x] = min(max(out[b, c, y, x] * f, zero), one)
+            elif op == 1:
+                acc = 0.0
+                for y in range(h):
+                    for x in range(w):
+                        acc += r_w * out[b, 0, y, x] + g_w * out[b, 1, y, x] + b_w * out[b, 2, y, x]
+                m = np.float32((one - f) * np.float32(acc / (h * w)))
+                for c in range(3):
+                    for y in range(h):
+                        for x in range(w):
+                            out[b, c, y, x] = min(max(f * out[b, c, y, x] + m, zero), one)
+            else:
+                g1 = one - f
+                for y in range(h):
+                    for x in range(w):
+                        gr = g1 * (r_w * out[b, 0, y, x] + g_w * out[b, 1, y, x] + b_w * out[b, 2, y, x])
+                        for c in range(3):
+                            out[b, c, y, x] = min(max(f * out[b, c, y, x] + gr, zero), one)
+    return out
+
+
+_FLIP_JITTER = None
+
+
+def _flip_jitter(img, flip, factors, order):
+    global _FLIP_JITTER
+    if _FLIP_JITTER is None:
+        from numba import njit
+
+        _FLIP_JITTER = njit(nogil=True, cache=True)(_flip_jitter_py)
+    img = np.ascontiguousarray(img)
+    out = np.empty((img.shape[0], 3, img.shape[1], img.shape[2]), dtype=np.float32)
+    return _FLIP_JITTER(img, flip, factors, order, out)
+
+
+def _next_or_raise(it, path: Path, stop: threading.Event | None = None):
     """``next(EpochIterator)`` that raises instead of hanging when ffcv's thread dies.
 
     ffcv runs the compiled pipeline in a thread; an exception there (a numba typing error, a
@@ -312,6 +487,8 @@ def _next_or_raise(it, path: Path):
             item = it.output_queue.get(timeout=0.5)
             break
         except Empty:
+            if stop is not None and stop.is_set():
+                return None
             if not it.is_alive() and it.output_queue.empty():
                 raise DataError(f"ffcv's loader thread for '{path}' died (traceback above); "
                                 "re-run write_beton if the file is damaged") from None
@@ -384,6 +561,8 @@ class FFCVLoader:
         self.batch_size, self.seed, self.workers = int(batch_size), int(seed), max(1, int(workers))
         self.device = torch.device(device)
         self.batches_ahead, self.os_cache = batches_ahead, os_cache
+        self.prefetch = 2  # finished batches queued ahead of the caller
+        self._loader = None
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         self._mean, self._std = mean.to(self.device), std.to(self.device)
@@ -406,31 +585,40 @@ class FFCVLoader:
     def __len__(self) -> int:
         return self.batches_per_epoch - self.sampler.start_batch
 
-    def _ffcv_loader(self, positions: np.ndarray):
-        from ffcv.loader import Loader, OrderOption
+    def _ffcv_loader(self):
+        """The ffcv Loader (built and compiled once; every epoch reuses its compiled pipeline)."""
+        if self._loader is None:
+            from ffcv.loader import Loader, OrderOption
 
-        dec = _make_decoder(self.crop_size, self.spec.scale, self.spec.ratio,
-                            _epoch_key(self.seed, self.sampler.epoch), self.folder_index)
-        return Loader(str(self.path), batch_size=self.batch_size, num_workers=self.workers,
-                      os_cache=self.os_cache, order=OrderOption.SEQUENTIAL, indices=positions,
-                      pipelines={"image": [dec]}, drop_last=True, batches_ahead=self.batches_ahead,
-                      seed=self.seed)
+            dec = _make_decoder(self.crop_size, self.spec.scale, self.spec.ratio)
+            self._loader = Loader(str(self.path), batch_size=self.batch_size, num_workers=self.workers,
+                                  os_cache=self.os_cache, order=OrderOption.SEQUENTIAL,
+                                  pipelines={"image": [dec]}, drop_last=True,
+                                  batches_ahead=self.batches_ahead, seed=self.seed)
+        return self._loader
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         positions = self.sampler.shard_indices()
         if len(positions) == 0:
             return
         epoch = self.sampler.epoch
-        it = iter(self._ffcv_loader(positions))
+        loader = self._ffcv_loader()
+        from ffcv.pipeline.compiler import Compiler
+
+        Compiler.set_num_threads(self.workers)
+        crop_seeds = _crop_seeds(self.seed, epoch, self.folder_index)
+        ep = _Epoch(self, _seeded_epoch_iterator(loader, np.asarray(positions), crop_seeds), epoch,
+                    self.prefetch)
         try:
             while True:
-                batch = _next_or_raise(it, self.path)
-                if batch is None:
+                kind, val = ep.get()
+                if kind == "end":
                     return
-                image, label, index = batch
-                yield self._finish(image, label, index, epoch)
+                if kind == "err":
+                    raise val
+                yield val
         finally:
-            it.close()
+            ep.stop()
 
     # -- torch side of the augmentation
     def _finish(self, image: np.ndarray, label: np.ndarray, index: np.ndarray, epoch: int) -> dict[str, Any]:
@@ -453,13 +641,7 @@ class FFCVLoader:
             if masks is not None:
                 masks.append(self.mask_gen(rng))
 
-        x = torch.from_numpy(image).to(dev, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-        if flip.any():
-            fl = torch.from_numpy(flip).to(dev)
-            x = torch.where(fl.view(-1, 1, 1, 1), x.flip(-1), x)
-        if j > 0:
-            x = color_jitter(x, torch.from_numpy(factors).to(dev), torch.from_numpy(order).to(dev))
-        x = x.contiguous()
+        x = torch.from_numpy(_flip_jitter(image, flip, factors, order)).to(dev, non_blocking=True)
 
         def resized(size: int) -> torch.Tensor:
             if size == x.shape[-1]:

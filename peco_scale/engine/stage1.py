@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from ..config import ConfigError, to_dict
-from ..data import ImageFolderDataset, ShardedSampler, tokenizer_transform
+from ..data.backends import AugmentSpec, make_loader
 from ..losses import PeCoLoss
 from ..models.artifact import save_tokenizer
 from ..models.discriminator import PatchDiscriminator, hinge_d_loss
@@ -48,8 +47,8 @@ def _adam(params, lr: float, betas, weight_decay: float, device: torch.device) -
 def train_tokenizer(cfg: Stage1Config) -> dict[str, Any]:
     """Run stage 1 as configured; returns a summary (paths, final metrics). All ranks call it."""
     validate_stage1(cfg)
-    # scanning fails fast on a missing/empty folder, before DeepSpeed starts
-    dataset = ImageFolderDataset(cfg.data.path, tokenizer_transform(cfg.data.img_size, scale=(cfg.data.min_crop_scale, 1.0)))
+    # fails fast on a missing/empty dataset, before DeepSpeed starts
+    loader = _build_loader(cfg)
     rank, world, device = pdist.init_distributed()
     t = cfg.train
     torch.manual_seed(t.seed + rank)
@@ -57,14 +56,13 @@ def train_tokenizer(cfg: Stage1Config) -> dict[str, Any]:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-    log.info("data: %d images in %d classes from %s (%d non-image files ignored); world size %d on %s",
-             len(dataset), len(dataset.classes), cfg.data.path, dataset.n_ignored, world, device)
+    log.info("data: %s backend on %s, %d batches per rank and epoch; world size %d on %s",
+             cfg.data.backend, cfg.data.path, loader.batches_per_epoch, world, device)
 
     # -- data --------------------------------------------------------------------------
-    sampler = ShardedSampler(len(dataset), rank=rank, world_size=world, batch_size=t.batch_size, seed=t.seed)
-    steps_per_epoch = sampler.batches_per_epoch // t.grad_accum
+    steps_per_epoch = loader.batches_per_epoch // t.grad_accum
     if steps_per_epoch == 0:
-        raise ConfigError(f"{len(dataset)} images give {sampler.batches_per_epoch} batches per rank, fewer than "
+        raise ConfigError(f"{cfg.data.path} gives {loader.batches_per_epoch} batches per rank, fewer than "
                           f"train.grad_accum={t.grad_accum}; lower train.batch_size or grad_accum")
     total_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
 
@@ -102,7 +100,7 @@ def train_tokenizer(cfg: Stage1Config) -> dict[str, Any]:
     metrics.truncate_after(start_step)
 
     # -- loop --------------------------------------------------------------------------
-    summary = _loop(cfg, engine, disc_engine, criterion, dataset, sampler, device, steps_per_epoch,
+    summary = _loop(cfg, engine, disc_engine, criterion, loader, device, steps_per_epoch,
                     start_step, total_steps, metrics, ckpt, engines)
     metrics.close()
     artifact = run_dir / "tokenizer.safetensors"
@@ -115,23 +113,31 @@ def train_tokenizer(cfg: Stage1Config) -> dict[str, Any]:
     return summary
 
 
-def _loop(cfg, engine, disc_engine, criterion, dataset, sampler, device, steps_per_epoch,
+def _build_loader(cfg: Stage1Config):
+    """This rank's stage-1 loader (folder, ffcv or dali): one random-resized crop + flip in [-1, 1]."""
+    import os
+
+    d = cfg.data
+    spec = AugmentSpec(d.img_size, "stage1", scale=(d.min_crop_scale, 1.0), jitter=0.0)
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    return make_loader(d.backend, d.path, spec, batch_size=cfg.train.batch_size, rank=int(os.environ.get("RANK", "0")),
+                       world_size=int(os.environ.get("WORLD_SIZE", "1")), seed=cfg.train.seed, workers=d.workers,
+                       device=device)
+
+
+def _loop(cfg, engine, disc_engine, criterion, loader, device, steps_per_epoch,
           start_step, total_steps, metrics, ckpt, engines) -> dict[str, Any]:
     t = cfg.train
     world = pdist.world_size()
-    loader_kwargs = dict(batch_size=t.batch_size, sampler=sampler, num_workers=cfg.data.workers,
-                         pin_memory=device.type == "cuda", drop_last=True,
-                         persistent_workers=False, multiprocessing_context="fork" if cfg.data.workers else None,
-                         generator=torch.Generator().manual_seed(t.seed))  # keep the global RNG untouched
     engine.train()
     step, last = start_step, {}
     skipped_total = 0.0
     window = Window()
     while step < total_steps:
         epoch, batch_offset = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        sampler.set_start_batch(batch_offset * t.grad_accum)
-        batches = iter(DataLoader(dataset, **loader_kwargs))
+        loader.set_epoch(epoch)
+        loader.set_start_batch(batch_offset * t.grad_accum)
+        batches = iter(loader)
         for _ in range(steps_per_epoch - batch_offset):
             o = cfg.optim
             lr = lr_at(step, o.lr, warmup=o.warmup_steps, total=total_steps, schedule=o.schedule,
@@ -143,7 +149,7 @@ def _loop(cfg, engine, disc_engine, criterion, dataset, sampler, device, steps_p
             for _micro in range(t.grad_accum):
                 batch = next(batches)
                 x = batch["image"].to(device, non_blocking=True)
-                skipped_total += float(batch["skipped"].sum())
+                skipped_total += float(batch["skipped"])
                 parts = _micro_step(cfg, engine, disc_engine if use_disc else None, criterion, x, device)
                 for k, v in parts.items():
                     acc[k] = acc.get(k, 0.0) + float(v) / t.grad_accum

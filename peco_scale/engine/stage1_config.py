@@ -37,7 +37,8 @@ class DiscConfig:
 
 @dataclass
 class DataConfig:
-    path: str = field("", "ImageFolder root (root/<class>/<img> or root/train/<class>/<img>)")
+    path: str = field("", "ImageFolder root (root/<class>/<img> or root/train/<class>/<img>), or a .beton for ffcv")
+    backend: str = field("folder", "folder (PIL in DataLoader workers), ffcv (a .beton) or dali (the folder)")
     img_size: int = field(224, "training resolution; a multiple of the downsample factor")
     min_crop_scale: float = field(0.08, "RandomResizedCrop minimum area fraction")
     workers: int = field(4, "DataLoader workers per rank")
@@ -136,6 +137,8 @@ def validate_stage1(cfg: Stage1Config) -> None:
         lo = max(f, d.img_size // f * f)
         raise ConfigError(f"data.img_size={d.img_size} is not divisible by the tokenizer's downsample factor {f}; "
                           f"use {lo} or {lo + f}")
+    if d.backend not in ("folder", "ffcv", "dali"):
+        raise ConfigError(f"data.backend='{d.backend}' must be folder, ffcv or dali")
     if cfg.loss.pixel not in ("l1", "l2"):
         raise ConfigError(f"loss.pixel='{cfg.loss.pixel}' must be l1 or l2")
     if cfg.optim.schedule not in ("constant", "cosine"):

@@ -183,3 +183,23 @@ def test_bad_input_errors(tmp_path, demo_data, monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
     with pytest.raises(ImportError, match=r"pip install -e '\.\[dali\]'"):
         make(demo_data, "stage1")
+
+
+def test_equal_view_sizes_share_the_jittered_resize(demo_data):
+    b = first(make(demo_data, "stage2", seed=4, tokenizer_size=64, jitter=0.4))
+    patch01 = denormalize_patch(b["patch"])
+    tok01 = (b["tokenizer"] + 1) / 2
+    assert (patch01 - tok01).abs().max() < 1e-4  # one resize + jitter, two normalisations
+
+
+def test_files_are_checked_once_per_process(demo_data, monkeypatch):
+    from peco_scale.data import dali_backend
+
+    calls = []
+    real = dali_backend._check_bytes
+    monkeypatch.setattr(dali_backend, "_check_bytes", lambda data, full: calls.append(1) or real(data, full))
+    loader = make(demo_data, "stage1", bs=50, size=32, jitter=0.0)
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        assert sum(len(x["index"]) for x in loader) == 300
+    assert len(calls) == 300

@@ -33,9 +33,14 @@ Design (see also ``backends.py`` for the batch contract):
   decoded with ``fn.decoders.image_slice`` (only that region is decoded). Colour jitter
   (``fn.color_twist``: brightness, contrast, saturation factors ~ U[max(0, 1-j), 1+j], fixed order
   b->c->s, unlike torchvision's random order; DALI's contrast pivots on mid-grey rather than the
-  image mean) is applied once to the crop, then the crop is resized (bicubic, antialiased) to
-  each view's size; the flip is applied in ``crop_mirror_normalize`` (a horizontal flip commutes
-  with a resize), which also normalises and lays out CHW float32 on the device.
+  image mean) is applied once per sample, and the crop is resized (bicubic, antialiased) once per
+  distinct view size (views of equal size share one resize). The jitter is a per-pixel affine
+  colour map, so it commutes with the (linear) resize up to clamping and rounding; it runs on
+  whichever side has fewer pixels: after the resize when the distinct views total at most
+  ``_JITTER_AFTER_RESIZE_MAX_AREA`` pixels (e.g. 224/224), else on the crop (e.g. 448). The choice
+  depends only on the configured sizes, so determinism is unaffected. The flip is applied in
+  ``crop_mirror_normalize`` (a horizontal flip commutes with a resize), which also normalises
+  and lays out CHW float32 on the device.
 
 - **Corrupt files.** DALI's decoder error would abort the whole batch, so the callback checks
   each file before handing it to DALI and substitutes the next readable file (i+1, i+2, ...,
@@ -44,7 +49,8 @@ Design (see also ``backends.py`` for the batch contract):
   an EOI marker after the last start-of-scan, PNGs an IEND chunk at the end -- this catches
   truncation, the common corruption. ``verify="full"`` additionally decodes every file with PIL
   (catches corrupt entropy-coded data too, at roughly twice the CPU cost). Formats other than
-  JPEG/PNG are always fully decoded by the check.
+  JPEG/PNG are always fully decoded by the check. Each file is checked once per process (the
+  result -- its size, or "unreadable" -- is cached by dataset index); later epochs only read it.
 """
 
 from __future__ import annotations
@@ -119,6 +125,11 @@ def _check_bytes(data: bytes, full: bool) -> tuple[int, int]:
     elif b"IEND" not in data[-32:]:
         raise OSError("truncated PNG (no IEND chunk at the end)")
     return size
+
+
+# colour jitter runs after the resize when the views' pixels (summed over distinct sizes) are at most
+# this many -- roughly a typical random-resized crop of an ImageNet-sized image -- else before it
+_JITTER_AFTER_RESIZE_MAX_AREA = 288 * 288
 
 
 class DALILoader:
@@ -224,7 +235,9 @@ class DALILoader:
             try:
                 with open(path, "rb") as f:
                     data = f.read()
-                size = _check_bytes(data, self.verify == "full")
+                size = self._sizes.get(j)
+                if size is None:  # check each file once per process (then only its size is needed)
+                    size = self._sizes[j] = _check_bytes(data, self.verify == "full")
                 return j, data, size
             except Exception as exc:  # noqa: BLE001 - any failure means "skip this file"
                 self._bad.add(j)
@@ -266,13 +279,24 @@ class DALILoader:
             img = fn.decoders.image_slice(enc, anchor, shape, device="mixed" if gpu else "cpu",
                                           output_type=types.RGB, normalized_anchor=False,
                                           normalized_shape=False, adjust_orientation=False)
-            if spec.jitter > 0:
-                img = fn.color_twist(img, brightness=jit[0], contrast=jit[1], saturation=jit[2])
+            sizes = {spec.img_size, spec.tokenizer_size} if stage2 else {spec.img_size}
+            # colour jitter is per-pixel affine, so it (nearly: clamping/rounding) commutes with the
+            # resize; run it on whichever side has fewer pixels (typical crops are ~300 px square)
+            jitter_after = spec.jitter > 0 and sum(s * s for s in sizes) <= _JITTER_AFTER_RESIZE_MAX_AREA
+
+            def twist(x: Any) -> Any:
+                return fn.color_twist(x, brightness=jit[0], contrast=jit[1], saturation=jit[2])
+
+            if spec.jitter > 0 and not jitter_after:
+                img = twist(img)
+            resized: dict[int, Any] = {}  # one resize (+ jitter) per distinct view size
 
             def view(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
-                out = fn.resize(img, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC,
-                                antialias=True)
-                return fn.crop_mirror_normalize(out, mirror=flip, dtype=types.FLOAT, output_layout="CHW",
+                if size not in resized:
+                    out = fn.resize(img, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC,
+                                    antialias=True)
+                    resized[size] = twist(out) if jitter_after else out
+                return fn.crop_mirror_normalize(resized[size], mirror=flip, dtype=types.FLOAT, output_layout="CHW",
                                                 mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])
 
             imagenet = (IMAGENET_MEAN, IMAGENET_STD)
@@ -294,7 +318,8 @@ class DALILoader:
             arr = torch.empty(t.shape(), dtype=torch.float32, device=self.device)
             feed_ndarray(t, arr, cuda_stream=torch.cuda.current_stream(self.device))
             return arr
-        return torch.from_numpy(np.array(out.as_array())).to(self.device)
+        arr = out.as_array()  # a fresh, owned copy of DALI's buffer: wrap it without copying again
+        return torch.from_numpy(arr if arr.flags.writeable else arr.copy()).to(self.device)
 
     def _to_batch(self, outs: tuple) -> dict[str, Any]:
         *views, label, index, skipped = outs
@@ -307,7 +332,7 @@ class DALILoader:
             batch["image"] = self._tensor(views[0])
         batch["label"] = self._tensor(label)
         batch["index"] = self._tensor(index)
-        batch["skipped"] = int(np.array(skipped.as_array()).sum())
+        batch["skipped"] = int(skipped.as_array().sum())
         return batch
 
 

@@ -52,10 +52,37 @@ class BatchLoader(Protocol):
     def __iter__(self) -> Iterator[dict[str, Any]]: ...
 
 
+class ShardedPosition:
+    """The epoch/resume half of the protocol, shared by every backend: delegated to
+    ``self.sampler`` (a ``ShardedSampler``), so all backends shard and resume identically."""
+
+    sampler: Any
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's permutation; resets the start batch to 0."""
+        self.sampler.set_epoch(epoch)
+
+    def set_start_batch(self, batch: int) -> None:
+        """Skip this rank's first ``batch`` batches of the current epoch (resume by index)."""
+        self.sampler.set_start_batch(batch)
+
+    def __len__(self) -> int:
+        """Batches left in the current epoch."""
+        return self.sampler.batches_per_epoch - self.sampler.start_batch
+
+
 # -- the folder backend -------------------------------------------------------------------------
 
 
-class FolderLoader:
+class FolderLoader(ShardedPosition):
     """The default backend: an ImageFolder tree read with PIL/torchvision in DataLoader workers.
 
     Sample ``i`` of epoch ``e`` is a pure function of (seed, e, i) (see ShardedSampler), so the
@@ -81,16 +108,6 @@ class FolderLoader:
                                   drop_last=True, pin_memory=self.device.type == "cuda",
                                   multiprocessing_context="fork" if workers else None,
                                   generator=torch.Generator().manual_seed(seed))
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.sampler.batches_per_epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    def set_start_batch(self, batch: int) -> None:
-        self.sampler.set_start_batch(batch)
 
     def __iter__(self):
         for batch in self._loader:

@@ -66,7 +66,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backends import TASKS, AugmentSpec
+from .backends import TASKS, AugmentSpec, ShardedPosition
 from .folder import DataError, ShardedSampler, _sample_seeds, _splitmix64, resolve_image_root, scan_image_folder
 from .masking import BlockMaskGenerator
 from .mim import IMAGENET_MEAN, IMAGENET_STD
@@ -132,7 +132,7 @@ def _check_bytes(data: bytes, full: bool) -> tuple[int, int]:
 _JITTER_AFTER_RESIZE_MAX_AREA = 288 * 288
 
 
-class DALILoader:
+class DALILoader(ShardedPosition):
     """BatchLoader over an ImageFolder tree with a DALI pipeline (see the module docstring).
 
     Yields the batch dicts of ``backends.py`` for ``spec.task`` plus ``"index"`` (int64 [B], the
@@ -183,25 +183,7 @@ class DALILoader:
         self._sizes: dict[int, tuple[int, int]] = {}
 
     # ------------------------------------------------------------------ BatchLoader protocol
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.sampler.batches_per_epoch
-
-    @property
-    def epoch(self) -> int:
-        return self.sampler.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's permutation; resets the start batch to 0."""
-        self.sampler.set_epoch(epoch)
-
-    def set_start_batch(self, batch: int) -> None:
-        """Skip this rank's first ``batch`` batches of the current epoch (resume by index)."""
-        self.sampler.set_start_batch(batch)
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch - self.sampler.start_batch
+    # (batches_per_epoch, epoch, set_epoch, set_start_batch, __len__: ShardedPosition)
 
     def pipeline_seed(self) -> int:
         """DALI pipeline seed for the current (seed, epoch, rank)."""

@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .backends import TASKS, AugmentSpec
+from .backends import TASKS, AugmentSpec, ShardedPosition
 from .folder import DataError, ShardedSampler, _sample_seeds, _splitmix64_np, scan_image_folder
 from .masking import BlockMaskGenerator
 from .mim import IMAGENET_MEAN, IMAGENET_STD
@@ -500,7 +500,7 @@ def _next_or_raise(it, path: Path, stop: threading.Event | None = None):
     return result
 
 
-class FFCVLoader:
+class FFCVLoader(ShardedPosition):
     """BatchLoader over a ``.beton`` written by :func:`write_beton`; see the module doc."""
 
     def __init__(self, beton_path: str | os.PathLike[str], spec: AugmentSpec, *, batch_size: int,
@@ -567,23 +567,7 @@ class FFCVLoader:
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         self._mean, self._std = mean.to(self.device), std.to(self.device)
 
-    # -- protocol
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.sampler.batches_per_epoch
-
-    @property
-    def epoch(self) -> int:
-        return self.sampler.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    def set_start_batch(self, batch: int) -> None:
-        self.sampler.set_start_batch(batch)
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch - self.sampler.start_batch
+    # -- protocol: batches_per_epoch, epoch, set_epoch, set_start_batch, __len__ come from ShardedPosition
 
     def _ffcv_loader(self):
         """The ffcv Loader (built and compiled once; every epoch reuses its compiled pipeline)."""

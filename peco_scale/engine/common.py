@@ -46,6 +46,30 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
+def optimizer_steps(loader, start_step: int, total_steps: int, steps_per_epoch: int, grad_accum: int):
+    """Yield ``(step, epoch, micro_batches)`` for each optimizer step from ``start_step``.
+
+    The epoch and the offset inside it are functions of the step alone, so a resumed run
+    sees exactly the batches the uninterrupted run would have (every backend resumes by
+    index). ``micro_batches`` is an iterator of ``grad_accum`` batches: consume it before the
+    next step. The epoch's iterator is closed when the loop ends early (FFCV/DALI threads).
+    """
+    step = start_step
+    while step < total_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        loader.set_epoch(epoch)
+        loader.set_start_batch(offset * grad_accum)
+        batches = iter(loader)
+        try:
+            for _ in range(min(steps_per_epoch - offset, total_steps - step)):
+                yield step, epoch, (next(batches) for _ in range(grad_accum))
+                step += 1
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+
+
 class Window:
     """Sums of per-step scalars and images since the last logged row; ``means`` averages them
     over steps and ranks (one all-reduce)."""
@@ -62,13 +86,14 @@ class Window:
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
 
-    def means(self, device: torch.device, extra_sums: dict[str, float] | None = None) -> dict[str, float]:
-        """Means over steps and ranks; ``extra_sums`` are summed over ranks only (e.g. counts)."""
+    def means(self, device: torch.device, counts: dict[str, float] | None = None) -> dict[str, float]:
+        """Means over steps and ranks (one all-reduce); ``counts`` are summed over ranks only
+        and returned as ints (e.g. skipped images)."""
         world = pdist.world_size()
-        keys, extra = sorted(self.sums), dict(extra_sums or {})
-        summed = pdist.all_reduce_sum([self.sums[k] for k in keys] + list(extra.values()), device)
-        out = {k: v / (max(1, self.steps) * world) for k, v in zip(keys, summed)}
-        out.update(zip(extra, summed[len(keys):]))
+        keys, counts = sorted(self.sums), dict(counts or {})
+        summed = pdist.all_reduce_sum([self.sums[k] for k in keys] + list(counts.values()), device)
+        out: dict[str, float] = {k: v / (max(1, self.steps) * world) for k, v in zip(keys, summed)}
+        out.update({k: int(round(v)) for k, v in zip(counts, summed[len(keys):])})
         return out
 
     def elapsed(self) -> float:

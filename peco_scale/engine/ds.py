@@ -11,32 +11,29 @@ import torch
 from ..config import ConfigError
 
 
-def load_ds_config(path: str | Path, *, micro_batch: int, grad_accum: int, world_size: int,
-                   grad_clip: float, zero_stage: int | None, allowed_stages: tuple[int, ...]) -> dict[str, Any]:
-    """Read a DeepSpeed JSON and make its batch and clipping fields agree with the run config.
-
-    The run config owns batch size, accumulation and clipping (one source of truth), so they
-    are written into the DeepSpeed dict rather than read from it.
-    """
+def _read_json(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"DeepSpeed config '{path}' not found; pass --deepspeed_config PATH (see ds_configs/)")
     try:
-        cfg = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"DeepSpeed config '{path}' is not valid JSON: {exc}") from None
-    cfg["train_micro_batch_size_per_gpu"] = micro_batch
-    cfg["gradient_accumulation_steps"] = grad_accum
-    cfg["train_batch_size"] = micro_batch * grad_accum * world_size
-    cfg["gradient_clipping"] = grad_clip
-    zero = cfg.setdefault("zero_optimization", {"stage": 0})
-    if zero_stage is not None:
-        zero["stage"] = zero_stage
-    if zero.get("stage", 0) not in allowed_stages:
-        raise ConfigError(f"ZeRO stage {zero.get('stage')} in '{path}' is not supported here; use one of {allowed_stages}")
-    # client optimizers (torch Adam) are fine under ZeRO 1/2; DeepSpeed asks to be told
-    cfg.setdefault("zero_allow_untested_optimizer", True)
-    cfg.setdefault("steps_per_print", 10**9)  # progress is ours to print
+
+
+def load_ds_config(path: str | Path, *, micro_batch: int, grad_accum: int, world_size: int,
+                   grad_clip: float, zero_stage: int | None, allowed_stages: tuple[int, ...]) -> dict[str, Any]:
+    """Read a stage-1 DeepSpeed JSON and make its batch and clipping fields agree with the run config.
+
+    The run config owns batch size, accumulation and clipping (one source of truth), so they
+    are written into the DeepSpeed dict rather than read from it. Precision is torch autocast,
+    so DeepSpeed's bf16 mode stays off.
+    """
+    cfg = finalize_ds_config(_read_json(path), micro_batch=micro_batch, grad_accum=grad_accum, world_size=world_size,
+                             grad_clip=grad_clip, zero_stage=zero_stage, bf16=False)
+    stage = cfg["zero_optimization"].get("stage", 0)
+    if stage not in allowed_stages:
+        raise ConfigError(f"ZeRO stage {stage} in '{path}' is not supported here; use one of {allowed_stages}")
     return cfg
 
 
@@ -65,13 +62,7 @@ _ADAMW_FIELDS = {"lr": "optim.lr", "betas": "optim.betas", "eps": "optim.eps", "
 
 def read_recipe(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """-> (DeepSpeed dict without our blocks, dotted run-config overrides the recipe makes)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"DeepSpeed config '{path}' not found; pass --deepspeed_config PATH (see ds_configs/)")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"DeepSpeed config '{path}' is not valid JSON: {exc}") from None
+    cfg = _read_json(path)
     overrides: dict[str, Any] = {}
     for key, dotted in _BATCH_FIELDS.items():
         if key in cfg:
@@ -113,6 +104,6 @@ def finalize_ds_config(cfg: dict[str, Any], *, micro_batch: int, grad_accum: int
             zero.pop(key)
     cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": bool(bf16)}
     cfg.pop("fp16", None)
-    cfg.setdefault("zero_allow_untested_optimizer", True)
-    cfg.setdefault("steps_per_print", 10**9)
+    cfg.setdefault("zero_allow_untested_optimizer", True)  # client torch optimizers; DeepSpeed asks to be told
+    cfg.setdefault("steps_per_print", 10**9)  # progress is ours to print
     return cfg

@@ -23,7 +23,7 @@ from ..models.perceptual import PerceptualLoss
 from ..models.tokenizer import VQTokenizer
 from . import dist as pdist
 from . import ds
-from .common import Window, autocast, lr_at, stop_if_nonfinite
+from .common import Window, autocast, lr_at, optimizer_steps, stop_if_nonfinite, stop_if_weights_nonfinite
 from .checkpoint import CheckpointManager, find_resume
 from .logger import MetricsLogger, log
 from .stage1_config import Stage1Config, validate_stage1
@@ -133,48 +133,41 @@ def _loop(cfg, engine, disc_engine, criterion, loader, device, steps_per_epoch,
     step, last = start_step, {}
     skipped_total = 0.0
     window = Window()
-    while step < total_steps:
-        epoch, batch_offset = divmod(step, steps_per_epoch)
-        loader.set_epoch(epoch)
-        loader.set_start_batch(batch_offset * t.grad_accum)
-        batches = iter(loader)
-        for _ in range(steps_per_epoch - batch_offset):
-            o = cfg.optim
-            lr = lr_at(step, o.lr, warmup=o.warmup_steps, total=total_steps, schedule=o.schedule,
-                       floor=o.lr * o.min_lr_ratio)
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr
-            use_disc = disc_engine is not None and step >= cfg.disc.start_step
-            acc: dict[str, float] = {}
-            for _micro in range(t.grad_accum):
-                batch = next(batches)
-                x = batch["image"].to(device, non_blocking=True)
-                skipped_total += float(batch["skipped"])
-                parts = _micro_step(cfg, engine, disc_engine if use_disc else None, criterion, x, device)
-                for k, v in parts.items():
-                    acc[k] = acc.get(k, 0.0) + float(v) / t.grad_accum
-            stop_if_nonfinite(acc["loss"], step + 1, ckpt.root, device)
-            step += 1
-            window.add(acc, t.batch_size * t.grad_accum * world)
-            metrics.advance()
-            if step % t.log_every == 0 or step == total_steps:
-                # losses: means over the steps since the last row and over ranks
-                means = window.means(device, {"skipped_images": skipped_total})
-                means["codebook_usage"] = acc["codebook_usage"]  # already a windowed statistic
-                last = {"step": step, "epoch": epoch, **means, "lr": lr,
-                        "grad_norm": engine.get_global_grad_norm(),
-                        "images_per_s": window.images / window.elapsed(),
-                        "codebook_in_sync": pdist.same_on_all_ranks(engine.module.quantizer.codebook)}
-                if not last["codebook_in_sync"]:
-                    raise RuntimeError(f"codebooks differ across ranks at step {step}: a codebook update "
-                                       f"was not all-reduced or broadcast")
-                last["skipped_images"] = int(last["skipped_images"])
-                metrics.log(last)
-                window.reset()
-            if step % t.ckpt_every == 0 or step == total_steps:
-                ckpt.save(engines, step, {"config": to_dict(cfg)})
-            if step >= total_steps:
-                break
+    o = cfg.optim
+    for step, epoch, micro_batches in optimizer_steps(loader, start_step, total_steps, steps_per_epoch, t.grad_accum):
+        lr = lr_at(step, o.lr, warmup=o.warmup_steps, total=total_steps, schedule=o.schedule,
+                   floor=o.lr * o.min_lr_ratio)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        use_disc = disc_engine is not None and step >= cfg.disc.start_step
+        acc: dict[str, torch.Tensor] = {}
+        for batch in micro_batches:
+            x = batch["image"].to(device, non_blocking=True)
+            skipped_total += batch["skipped"]
+            parts = _micro_step(cfg, engine, disc_engine if use_disc else None, criterion, x, device)
+            for k, v in parts.items():
+                acc[k] = acc.get(k, 0.0) + v / t.grad_accum
+        acc_f = {k: float(v) for k, v in acc.items()}  # one host sync per step, not per micro-batch
+        stop_if_nonfinite(acc_f["loss"], step + 1, ckpt.root, device)
+        step += 1
+        window.add(acc_f, t.batch_size * t.grad_accum * world)
+        metrics.advance()
+        if step % t.log_every == 0 or step == total_steps:
+            # losses: means over the steps since the last row and over ranks
+            means = window.means(device, {"skipped_images": skipped_total})
+            means["codebook_usage"] = acc_f["codebook_usage"]  # already a windowed statistic
+            last = {"step": step, "epoch": epoch, **means, "lr": lr,
+                    "grad_norm": engine.get_global_grad_norm(),
+                    "images_per_s": window.images / window.elapsed(),
+                    "codebook_in_sync": pdist.same_on_all_ranks(engine.module.quantizer.codebook)}
+            if not last["codebook_in_sync"]:
+                raise RuntimeError(f"codebooks differ across ranks at step {step}: a codebook update "
+                                   f"was not all-reduced or broadcast")
+            metrics.log(last)
+            window.reset()
+        if step % t.ckpt_every == 0 or step == total_steps:
+            stop_if_weights_nonfinite(engine.module, step, ckpt.root, device)
+            ckpt.save(engines, step, {"config": to_dict(cfg)})
     return {"final": last, "steps": step}
 
 

@@ -23,7 +23,7 @@ from ..plan import mim_train_flops
 from . import dist as pdist
 from . import ds
 from .checkpoint import CheckpointManager, find_resume
-from .common import Window, lr_at, peak_memory_gb, stop_if_nonfinite, stop_if_weights_nonfinite
+from .common import Window, lr_at, optimizer_steps, peak_memory_gb, stop_if_nonfinite, stop_if_weights_nonfinite
 from .logger import MetricsLogger, log
 from .stage2_config import Resolved, Stage2Config, resolve_stage2
 
@@ -151,46 +151,38 @@ def pretrain(cfg: Stage2Config, ds_dict: dict[str, Any]) -> dict[str, Any]:
              "model": {"name": r.model_name, "img_size": r.img_size}}
     dtype = torch.bfloat16 if bf16 else torch.float32
     engine.train()
-    step, last, skipped = start_step, {}, 0.0
+    step, last, skipped = start_step, {}, 0
     window = Window()
-    while step < total_steps:
-        epoch, offset = divmod(step, steps_per_epoch)
-        loader.set_epoch(epoch)
-        loader.set_start_batch(offset * r.grad_accum)
-        batches = iter(loader)
-        for _ in range(steps_per_epoch - offset):
-            lr = lr_at(step, base_lr, warmup=warmup, total=total_steps, floor=min(o.min_lr, base_lr))
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr
-            acc = {"loss": 0.0, "mlm_acc": 0.0}
-            for _micro in range(r.grad_accum):
-                batch = next(batches)
-                skipped += float(batch["skipped"])
-                out = engine(batch["patch"].to(device, dtype, non_blocking=True),
-                             batch["tokenizer"].to(device, non_blocking=True),
-                             batch["mask"].to(device, non_blocking=True))
-                engine.backward(out["loss"])
-                engine.step()
-                for k in acc:
-                    acc[k] += float(out[k].detach()) / r.grad_accum
-            stop_if_nonfinite(acc["loss"], step + 1, ckpt.root, device)
-            step += 1
-            window.add(acc, r.global_batch)
-            metrics.advance()
-            if step % t.log_every == 0 or step == total_steps:
-                means = window.means(device, {"skipped_images": skipped})
-                ips = window.images / window.elapsed()
-                last = {"step": step, "epoch": epoch, **means, "lr": lr, "grad_norm": engine.get_global_grad_norm(),
-                        "images_per_s": ips, "tflops_per_gpu": flops * ips / world / 1e12,
-                        "mem_gb": peak_memory_gb(device)}
-                last["skipped_images"] = int(last["skipped_images"])
-                metrics.log(last)
-                window.reset()
-            if step % t.ckpt_every == 0 or step == total_steps:
-                stop_if_weights_nonfinite(engine.module, step, ckpt.root, device)
-                ckpt.save(engines, step, {**state, "wandb_id": metrics.wandb_id})
-            if step >= total_steps:
-                break
+    for step, epoch, micro_batches in optimizer_steps(loader, start_step, total_steps, steps_per_epoch, r.grad_accum):
+        lr = lr_at(step, base_lr, warmup=warmup, total=total_steps, floor=min(o.min_lr, base_lr))
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        acc = {"loss": 0.0, "mlm_acc": 0.0}
+        for batch in micro_batches:
+            skipped += batch["skipped"]
+            out = engine(batch["patch"].to(device, dtype, non_blocking=True),
+                         batch["tokenizer"].to(device, non_blocking=True),
+                         batch["mask"].to(device, non_blocking=True))
+            engine.backward(out["loss"])
+            engine.step()
+            for k in acc:  # device tensors: no host sync inside the accumulation loop
+                acc[k] = acc[k] + out[k].detach() / r.grad_accum
+        acc_f = {k: float(v) for k, v in acc.items()}
+        stop_if_nonfinite(acc_f["loss"], step + 1, ckpt.root, device)
+        step += 1
+        window.add(acc_f, r.global_batch)
+        metrics.advance()
+        if step % t.log_every == 0 or step == total_steps:
+            means = window.means(device, {"skipped_images": skipped})
+            ips = window.images / window.elapsed()
+            last = {"step": step, "epoch": epoch, **means, "lr": lr, "grad_norm": engine.get_global_grad_norm(),
+                    "images_per_s": ips, "tflops_per_gpu": flops * ips / world / 1e12,
+                    "mem_gb": peak_memory_gb(device)}
+            metrics.log(last)
+            window.reset()
+        if step % t.ckpt_every == 0 or step == total_steps:
+            stop_if_weights_nonfinite(engine.module, step, ckpt.root, device)
+            ckpt.save(engines, step, {**state, "wandb_id": metrics.wandb_id})
     metrics.close()
     pdist.barrier()
     return {"final": last, "steps": step, "run_dir": str(run_dir), "metrics": str(run_dir / "metrics.jsonl"),

@@ -149,7 +149,7 @@ def test_writer_skips_and_counts_corrupt_images(demo_data, tmp_path):
     assert {p.rsplit("/", 1)[-1] for p in s["skipped_files"]} == {"zz_truncated.jpg", "zz_not_an_image.jpg"}
     side = json.loads(out.with_name("c.beton.json").read_text())
     assert side["count"] == n_scanned - 2 and side["skipped"] == 2
-    assert not list(tmp_path.glob("*.tmp-*"))  # atomic: no temp left behind
+    assert not list(tmp_path.glob("*.tmp-*")) and not list(tmp_path.glob("*.parts"))  # nothing left behind
     loader = FFCVLoader(out, _spec("stage1", size=16), batch_size=8, seed=0, workers=1)
     seen = np.concatenate([b["index"].numpy() for b in loader])
     kept_folder_idx = [i for i, (p, _) in enumerate(scan_image_folder(src)[0]) if "zz_" not in p]
@@ -176,6 +176,7 @@ def test_bad_inputs_raise_one_line(beton, tmp_path, monkeypatch):
     with pytest.raises(DataError) as e:
         write_beton(tmp_path / "bad", tmp_path / "bad.beton", workers=1, progress=False)
     one_line(e, "could be decoded")
+    assert not (tmp_path / "bad.beton.parts").exists()
     with pytest.raises(DataError) as e:
         write_beton(tmp_path / "missing", tmp_path / "m.beton", workers=1, progress=False)
     one_line(e, "does not exist")
@@ -221,3 +222,74 @@ def test_generator_close_joins_threads(beton):
     g.close()
     leftover = [t for t in threading.enumerate() if t not in before and t.is_alive()]
     assert leftover == []
+
+
+def _samples(beton_path):
+    """Per sample (label, index, mode, height, width, stored bytes) of a .beton, read with ffcv's Reader."""
+    from ffcv.reader import Reader
+
+    r = Reader(str(beton_path))
+    raw = np.fromfile(str(beton_path), dtype=np.uint8)
+    sizes = {int(a["ptr"]): int(a["size"]) for a in r.alloc_table}
+    out = []
+    for m in r.metadata:
+        img = m["f0"]
+        ptr = int(img["data_ptr"])
+        out.append((int(m["f1"]), int(m["f2"]), int(img["mode"]), int(img["height"]), int(img["width"]),
+                    raw[ptr:ptr + sizes[ptr]].tobytes()))
+    return out
+
+
+def test_killed_conversion_resumes_and_equals_an_uninterrupted_one(demo_data, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    ref = tmp_path / "ref.beton"
+    s_ref = write_beton(demo_data, ref, max_resolution=64, workers=2, progress=False, chunk_size=8)
+    assert s_ref["chunks"] == 38 and s_ref["reused_chunks"] == 0
+    assert not (tmp_path / "ref.beton.parts").exists()  # removed once the .beton is published
+
+    out = tmp_path / "out.beton"
+    cmd = [sys.executable, "-m", "peco_scale.data", "convert", "--to", "ffcv", "--data", str(demo_data),
+           "--out", str(out), "--max_resolution", "64", "--chunk_size", "8", "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = tmp_path / "out.beton.parts"
+    deadline = time.monotonic() + 120
+    while not (parts / "chunk-000002.npz").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in parts.glob("chunk-*.npz"))
+    assert not out.exists() and 3 <= len(done) < 38, done  # killed mid-way: no .beton, some chunks
+
+    from peco_scale.data.__main__ import main as data_main
+
+    import io
+    from contextlib import redirect_stdout
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert data_main(cmd[3:]) == 0
+    line = buf.getvalue()
+    assert f"resumed: {len(done)} of 38 chunks were already encoded" in line, line
+    assert not parts.exists() and out.is_file()
+    assert sorted(_samples(out)) == sorted(_samples(ref))  # same images, labels, indices, bytes
+    # a second run finds it up to date
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert data_main(cmd[3:]) == 0
+    assert "up to date" in buf.getvalue()
+
+
+def test_partial_conversion_with_other_settings_starts_over(demo_data, tmp_path):
+    out = tmp_path / "o.beton"
+    parts = tmp_path / "o.beton.parts"
+    parts.mkdir()
+    (parts / "plan.json").write_text(json.dumps({"version": 1, "max_resolution": 999}))
+    (parts / "chunk-000000.npz").write_bytes(b"not what this run would write")
+    (parts / "chunk-000001.npz.tmp-123").write_bytes(b"half")
+    s = write_beton(demo_data, out, max_resolution=48, workers=2, progress=False, chunk_size=64)
+    assert s["reused_chunks"] == 0 and s["written"] == 300 and not parts.exists()
+    loader = FFCVLoader(out, _spec("stage1", size=16), batch_size=50, seed=0, workers=1)
+    assert sum(b["image"].shape[0] for b in loader) == 300

@@ -7,7 +7,8 @@ Commands:
         Count images and classes of an ImageFolder tree without decoding anything.
     convert --to ffcv --data DIR --out FILE.beton [--max_resolution N] [--mode jpg|raw] [--quality Q]
         Write an FFCV .beton (unreadable images skipped and counted; written atomically; an
-        up-to-date output is reused). DALI reads the folder itself: nothing to convert.
+        up-to-date output is reused; a killed conversion resumes from its finished chunks in
+        FILE.beton.parts/). DALI reads the folder itself: nothing to convert.
 """
 
 from __future__ import annotations
@@ -46,24 +47,29 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     try:
-        from .ffcv_backend import write_beton
+        from .ffcv_backend import _listing_digest, write_beton
     except ImportError as exc:
         raise DataError(str(exc)) from None
+    if args.chunk_size < 1:
+        raise DataError(f"--chunk_size {args.chunk_size} must be >= 1, e.g. 1024")
     out, side = Path(args.out), Path(str(args.out) + ".json")
     samples, _, _ = scan_image_folder(args.data)
     if out.is_file() and side.is_file():
         meta = json.loads(side.read_text())
         same = (meta.get("max_resolution") == args.max_resolution and meta.get("mode") == args.mode
-                and meta.get("scanned", meta.get("count", 0) + meta.get("skipped", 0)) == len(samples))
+                and meta.get("jpeg_quality", args.quality) == args.quality
+                and meta.get("listing") == _listing_digest(samples))
         if same and not args.overwrite:
             print(f"{out} is up to date ({meta.get('count')} images, {meta.get('skipped', 0)} skipped); "
                   f"--overwrite to rewrite")
             return
     t0 = time.perf_counter()
     res = write_beton(args.data, out, max_resolution=args.max_resolution, jpeg_quality=args.quality, mode=args.mode,
-                      workers=args.workers)
+                      workers=args.workers, chunk_size=args.chunk_size, resume=not args.overwrite)
+    resumed = (f" (resumed: {res['reused_chunks']} of {res['chunks']} chunks were already encoded)"
+               if res["reused_chunks"] else "")
     print(f"wrote {out}: {res['written']} images in {len(res['classes'])} classes, {res['skipped']} unreadable "
-          f"skipped, {res.get('ignored', 0)} non-image files ignored, in {time.perf_counter() - t0:.1f}s")
+          f"skipped, {res.get('ignored', 0)} non-image files ignored, in {time.perf_counter() - t0:.1f}s{resumed}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mode", choices=("jpg", "raw"), default="jpg")
     c.add_argument("--quality", type=int, default=90, help="JPEG quality")
     c.add_argument("--workers", type=int, default=2)
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--chunk_size", type=int, default=1024, help="images per resumable chunk")
+    c.add_argument("--overwrite", action="store_true", help="rewrite, discarding an up-to-date output or a partial run")
     c.set_defaults(func=_cmd_convert)
     return p
 

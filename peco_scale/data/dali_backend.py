@@ -30,17 +30,18 @@ Design (see also ``backends.py`` for the batch contract):
 - **One crop -> two views (stage 2).** The random-resized-crop window is drawn in Python with
   torchvision's ``RandomResizedCrop.get_params`` algorithm (10 tries of area ~ U(scale), log-uniform
   aspect ratio, then the centre-crop fallback) on the image size read from the file header, and
-  decoded with ``fn.decoders.image_slice`` (only that region is decoded). Colour jitter
-  (``fn.color_twist``: brightness, contrast, saturation factors ~ U[max(0, 1-j), 1+j], fixed order
-  b->c->s, unlike torchvision's random order; DALI's contrast pivots on mid-grey rather than the
-  image mean) is applied once per sample, and the crop is resized (bicubic, antialiased) once per
-  distinct view size (views of equal size share one resize). The jitter is a per-pixel affine
-  colour map, so it commutes with the (linear) resize up to clamping and rounding; it runs on
-  whichever side has fewer pixels: after the resize when the distinct views total at most
-  ``_JITTER_AFTER_RESIZE_MAX_AREA`` pixels (e.g. 224/224), else on the crop (e.g. 448). The choice
-  depends only on the configured sizes, so determinism is unaffected. The flip is applied in
-  ``crop_mirror_normalize`` (a horizontal flip commutes with a resize), which also normalises
-  and lays out CHW float32 on the device.
+  decoded with ``fn.decoders.image_slice`` (only that region is decoded) and resized (bicubic,
+  antialiased) once per distinct view size (views of equal size share one resize); the pipeline
+  returns uint8 HWC views. Flip and colour jitter (torchvision's ColorJitter without hue:
+  brightness, contrast, saturation factors ~ U[max(0, 1-j), 1+j] in a per-sample random order,
+  contrast around the image's mean grey) and the normalisation then run in one fused pass per
+  view (``colour.flip_jitter_normalize``: a numba kernel on CPU, torch on the GPU tensor that
+  DALI decoded) -- the same code and the same draws (``colour.draw_flip_jitter``) as the ffcv
+  backend. Both views get the same flip and factors; the jitter runs after the resize (it is a
+  per-pixel affine colour map, so it commutes with the resize up to clamping and rounding).
+  DALI's own ``color_twist`` is not used: it pivots contrast on mid-grey, has a fixed op order,
+  and on CPU it was the costliest op (2 threads, 224 px: decode + resize 672 images/s, 483 with
+  color_twist; measured 2026-11-23).
 
 - **Corrupt files.** DALI's decoder error would abort the whole batch, so the callback checks
   each file before handing it to DALI and substitutes the next readable file (i+1, i+2, ...,
@@ -67,6 +68,7 @@ import torch
 from PIL import Image
 
 from .backends import TASKS, AugmentSpec, ShardedPosition
+from .colour import draw_flip_jitter, flip_jitter_normalize_views
 from .folder import DataError, ShardedSampler, _sample_seeds, _splitmix64, resolve_image_root, scan_image_folder
 from .masking import BlockMaskGenerator
 from .mim import IMAGENET_MEAN, IMAGENET_STD
@@ -127,11 +129,6 @@ def _check_bytes(data: bytes, full: bool) -> tuple[int, int]:
     return size
 
 
-# colour jitter runs after the resize when the views' pixels (summed over distinct sizes) are at most
-# this many -- roughly a typical random-resized crop of an ImageNet-sized image -- else before it
-_JITTER_AFTER_RESIZE_MAX_AREA = 288 * 288
-
-
 class DALILoader(ShardedPosition):
     """BatchLoader over an ImageFolder tree with a DALI pipeline (see the module docstring).
 
@@ -175,7 +172,7 @@ class DALILoader(ShardedPosition):
             except (TypeError, ValueError) as exc:
                 raise DataError(f"bad mask settings {spec.mask!r}: {exc}") from None
         # external-source outputs, in order (unused ones would only cost time and warn)
-        self._fields = ("enc", "anchor", "shape", "flip", *(("jitter",) if spec.jitter > 0 else ()),
+        self._fields = ("enc", "anchor", "shape", "flip", "factors", "order",
                         "label", "index", "skipped", *(("mask",) if self.mask_gen is not None else ()))
         self.sampler = ShardedSampler(len(self.samples), rank=rank, world_size=world_size,
                                       batch_size=batch_size, seed=seed)
@@ -232,11 +229,10 @@ class DALILoader(ShardedPosition):
         spec = self.spec
         rng = np.random.default_rng([sseed, 1])
         left, top, w, h = crop_window(rng, width, height, spec.scale, spec.ratio)
-        flip = bool(rng.random() < spec.hflip)
-        jit = rng.uniform(max(0.0, 1.0 - spec.jitter), 1.0 + spec.jitter, 3) if spec.jitter > 0 else np.ones(3)
+        flip, factors, order = draw_flip_jitter(rng, spec.hflip, float(spec.jitter))
         row = {"enc": np.frombuffer(data, dtype=np.uint8),
                "anchor": np.array([left, top], dtype=np.float32), "shape": np.array([w, h], dtype=np.float32),
-               "flip": np.array(int(flip), dtype=np.int32), "jitter": jit.astype(np.float32),
+               "flip": np.array(flip, dtype=np.bool_), "factors": factors, "order": order,
                "label": np.array(self.samples[j][1], dtype=np.int64), "index": np.array(index, dtype=np.int64),
                "skipped": np.array(int(j != index), dtype=np.int32)}
         if self.mask_gen is not None:  # stage 2: the block mask from the sample's seed
@@ -256,65 +252,52 @@ class DALILoader(ShardedPosition):
             stage2 = spec.task == "stage2"
             src = dict(zip(self._fields, fn.external_source(source=source, num_outputs=len(self._fields),
                                                             batch=True)))
-            enc, anchor, shape, flip, jit = (src.get(k) for k in ("enc", "anchor", "shape", "flip", "jitter"))
-            label, index, skipped = src["label"], src["index"], src["skipped"]
-            img = fn.decoders.image_slice(enc, anchor, shape, device="mixed" if gpu else "cpu",
+            img = fn.decoders.image_slice(src["enc"], src["anchor"], src["shape"], device="mixed" if gpu else "cpu",
                                           output_type=types.RGB, normalized_anchor=False,
                                           normalized_shape=False, adjust_orientation=False)
-            sizes = {spec.img_size, spec.tokenizer_size} if stage2 else {spec.img_size}
-            # colour jitter is per-pixel affine, so it (nearly: clamping/rounding) commutes with the
-            # resize; run it on whichever side has fewer pixels (typical crops are ~300 px square)
-            jitter_after = spec.jitter > 0 and sum(s * s for s in sizes) <= _JITTER_AFTER_RESIZE_MAX_AREA
-
-            def twist(x: Any) -> Any:
-                return fn.color_twist(x, brightness=jit[0], contrast=jit[1], saturation=jit[2])
-
-            if spec.jitter > 0 and not jitter_after:
-                img = twist(img)
-            resized: dict[int, Any] = {}  # one resize (+ jitter) per distinct view size
-
-            def view(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
-                if size not in resized:
-                    out = fn.resize(img, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC,
-                                    antialias=True)
-                    resized[size] = twist(out) if jitter_after else out
-                return fn.crop_mirror_normalize(resized[size], mirror=flip, dtype=types.FLOAT, output_layout="CHW",
-                                                mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])
-
-            imagenet = (IMAGENET_MEAN, IMAGENET_STD)
-            half = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-            if stage2:
-                outs = (view(spec.img_size, *imagenet), view(spec.tokenizer_size, *half), src["mask"])
-            elif spec.task == "stage1":
-                outs = (view(spec.img_size, *half),)
-            else:
-                outs = (view(spec.img_size, *imagenet),)
-            pipe.set_outputs(*outs, label, index, skipped)
+            # one resize per distinct view size (views of equal size share it); uint8 HWC out, the
+            # flip / jitter / normalisation follow in one fused pass per view (colour.py)
+            self._sizes_out = sorted({spec.img_size, spec.tokenizer_size} if stage2 else {spec.img_size})
+            views = [fn.resize(img, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC, antialias=True)
+                     for size in self._sizes_out]
+            extra = (src["mask"],) if stage2 else ()
+            pipe.set_outputs(*views, src["flip"], src["factors"], src["order"], src["label"], src["index"],
+                             src["skipped"], *extra)
         return pipe
 
-    def _tensor(self, out: Any) -> torch.Tensor:
+    def _tensor(self, out: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if type(out).__name__ == "TensorListGPU":  # views decoded with device="mixed"
             from nvidia.dali.plugin.pytorch import feed_ndarray
 
             t = out.as_tensor()
-            arr = torch.empty(t.shape(), dtype=torch.float32, device=self.device)
+            arr = torch.empty(t.shape(), dtype=dtype, device=self.device)
             feed_ndarray(t, arr, cuda_stream=torch.cuda.current_stream(self.device))
             return arr
         arr = out.as_array()  # a fresh, owned copy of DALI's buffer: wrap it without copying again
-        return torch.from_numpy(arr if arr.flags.writeable else arr.copy()).to(self.device)
+        return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
 
     def _to_batch(self, outs: tuple) -> dict[str, Any]:
-        *views, label, index, skipped = outs
+        nv = len(self._sizes_out)
+        views = dict(zip(self._sizes_out, outs[:nv]))
+        flip, factors, order, label, index, skipped = (o.as_array() for o in outs[nv:nv + 6])
+        dev = self.device
+
+        half = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        imagenet = (IMAGENET_MEAN, IMAGENET_STD)
+        spec = self.spec
+        want = ({"patch": (spec.img_size, imagenet), "tokenizer": (spec.tokenizer_size, half)} if spec.task == "stage2"
+                else {"image": (spec.img_size, half if spec.task == "stage1" else imagenet)})
         batch: dict[str, Any] = {}
-        if self.spec.task == "stage2":
-            batch["patch"] = self._tensor(views[0])
-            batch["tokenizer"] = self._tensor(views[1])
-            batch["mask"] = self._tensor(views[2])
-        else:
-            batch["image"] = self._tensor(views[0])
-        batch["label"] = self._tensor(label)
-        batch["index"] = self._tensor(index)
-        batch["skipped"] = int(skipped.as_array().sum())
+        for size in self._sizes_out:  # one jitter pass per resized view, normalised once per key
+            keys = [key for key, (sz, _) in want.items() if sz == size]
+            img = self._tensor(views[size], torch.uint8)  # [B, H, W, 3]: CUDA for "mixed", else CPU
+            xs = flip_jitter_normalize_views(img, flip, factors, order, [want[k][1] for k in keys], device=dev)
+            batch.update(zip(keys, xs))
+        if spec.task == "stage2":
+            batch["mask"] = torch.from_numpy(outs[nv + 6].as_array().astype(bool)).to(dev)
+        batch["label"] = torch.from_numpy(label.astype(np.int64)).to(dev)
+        batch["index"] = torch.from_numpy(index.astype(np.int64)).to(dev)
+        batch["skipped"] = int(skipped.sum())
         return batch
 
 

@@ -3,9 +3,10 @@
 Writer (:func:`write_beton`): fields ``image`` (RGBImageField, jpg or raw, longest side capped at
 ``max_resolution``), ``label`` (IntField) and ``index`` (IntField: the image's index in
 ``scan_image_folder`` order). Every file is first decoded fully with PIL; unreadable files are
-skipped and counted, never fatal. The ``.beton`` is written to a temp file and renamed at the end;
-a sidecar ``<out>.json`` records max_resolution, count, skipped, classes and the source path.
-Conversion is not resumable (a killed run leaves only a ``*.tmp-<pid>`` file; rerun it).
+skipped and counted, never fatal. Images are encoded chunk by chunk into ``<out>.parts/`` (each
+chunk file atomic), so a killed conversion resumes where it stopped; the ``.beton`` is then
+assembled in a temp file and renamed at the end; a sidecar ``<out>.json`` records max_resolution,
+count, skipped, classes, the source path and a digest of the source listing.
 
 Loader (:class:`FFCVLoader`), the BatchLoader protocol of ``backends.py``:
 
@@ -53,10 +54,12 @@ The batch carries an extra ``"index"`` int64 [B] (folder index) next to the keys
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import logging
 import os
 import queue
+import shutil
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -70,6 +73,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .backends import TASKS, AugmentSpec, ShardedPosition
+from .colour import draw_flip_jitter, flip_jitter_normalize
 from .folder import DataError, ShardedSampler, _sample_seeds, _splitmix64_np, scan_image_folder
 from .masking import BlockMaskGenerator
 from .mim import IMAGENET_MEAN, IMAGENET_STD
@@ -111,39 +115,117 @@ def read_sidecar(beton: str | os.PathLike[str]) -> dict[str, Any] | None:
 # ----------------------------------------------------------------------------- writer
 
 
-def _readable(path: str) -> str | None:
-    """None if PIL fully decodes ``path``, else a short reason."""
+_PLAN_VERSION = 1
+
+
+def _encode_one(path: str, max_resolution: int, mode: str, quality: int) -> tuple[np.ndarray | None, int, int, str]:
+    """(stored bytes, height, width, "") for one file, or (None, 0, 0, reason) if PIL cannot decode it.
+
+    The stored bytes are exactly what ffcv's RGBImageField would write: ffcv's own ``resizer``
+    (INTER_AREA, longest side capped) then ``encode_jpeg`` (OpenCV) or the raw pixels.
+    """
+    from ffcv.fields.rgb_image import encode_jpeg, resizer
+
     try:
         with Image.open(path) as img:
-            img.convert("RGB")  # forces the full decode; truncation raises here
-        return None
+            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)  # full decode: truncation raises here
     except Exception as exc:  # noqa: BLE001 - any failure means "skip this file"
-        return f"{type(exc).__name__}: {exc}"
+        return None, 0, 0, f"{type(exc).__name__}: {exc}"
+    arr = np.ascontiguousarray(resizer(arr, int(max_resolution)))
+    h, w = arr.shape[:2]
+    data = encode_jpeg(arr, int(quality)) if mode == "jpg" else arr.reshape(-1)
+    return np.ascontiguousarray(data, dtype=np.uint8), h, w, ""
 
 
-class _KeptImages:
-    """Indexable dataset for ffcv's DatasetWriter: (HxWx3 uint8, label, folder index)."""
+def _save_atomic_npz(path: Path, **arrays: np.ndarray) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
-    def __init__(self, kept: list[tuple[str, int, int]]) -> None:
-        self.kept = kept
+
+def _encode_chunk(path: Path, samples: list[tuple[str, int]], first: int, pool: ThreadPoolExecutor,
+                  max_resolution: int, mode: str, quality: int) -> None:
+    """Encode samples[first:first+len] into one chunk file (written atomically)."""
+    paths = [p for p, _ in samples]
+    res = list(pool.map(lambda p: _encode_one(p, max_resolution, mode, quality), paths))
+    ok = [i for i, r in enumerate(res) if r[0] is not None]
+    blobs = [res[i][0] for i in ok]
+    offsets = np.zeros(len(ok) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([b.size for b in blobs])
+    _save_atomic_npz(
+        path,
+        data=np.concatenate(blobs) if blobs else np.zeros(0, np.uint8),
+        offsets=offsets,
+        hw=np.array([[res[i][1], res[i][2]] for i in ok], dtype=np.int64).reshape(-1, 2),
+        label=np.array([samples[i][1] for i in ok], dtype=np.int64),
+        index=np.array([first + i for i in ok], dtype=np.int64),
+        skipped_path=np.array([paths[i] for i, r in enumerate(res) if r[0] is None], dtype=str),
+        skipped_reason=np.array([r[3] for r in res if r[0] is None], dtype=str),
+    )
+
+
+class _ChunkImages:
+    """Indexable dataset over the encoded chunks for ffcv's DatasetWriter (one chunk cached per process)."""
+
+    def __init__(self, files: list[Path], counts: list[int], mode: str) -> None:
+        self.files, self.mode = files, mode
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._cached: tuple[int, dict[str, np.ndarray]] | None = None
 
     def __len__(self) -> int:
-        return len(self.kept)
+        return int(self.starts[-1])
 
     def __getitem__(self, i: int):
-        path, label, index = self.kept[i]
-        with Image.open(path) as img:
-            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-        return np.ascontiguousarray(arr), int(label), int(index)
+        c = int(np.searchsorted(self.starts, i, side="right") - 1)
+        if self._cached is None or self._cached[0] != c:
+            with np.load(self.files[c]) as z:
+                self._cached = (c, {k: z[k] for k in ("data", "offsets", "hw", "label", "index")})
+        d = self._cached[1]
+        j = i - int(self.starts[c])
+        blob = d["data"][d["offsets"][j]:d["offsets"][j + 1]]
+        h, w = (int(v) for v in d["hw"][j])
+        return (blob, h, w, self.mode), int(d["label"][j]), int(d["index"][j])
+
+
+def _write_encoded(destination, item, malloc) -> None:
+    """RGBImageField.encode for an already encoded (bytes, height, width, mode) item: a copy, no re-encode."""
+    from ffcv.fields.rgb_image import IMAGE_MODES
+
+    blob, h, w, mode = item
+    destination["mode"] = IMAGE_MODES[mode]
+    destination["height"], destination["width"] = h, w
+    destination["data_ptr"], storage = malloc(blob.nbytes)
+    storage[:] = blob
+
+
+def _listing_digest(samples: list[tuple[str, int]]) -> str:
+    h = hashlib.sha256()
+    for path, label in samples:
+        st = os.stat(path)
+        h.update(f"{path}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def write_beton(root: str | os.PathLike[str], out_path: str | os.PathLike[str], *,
                 max_resolution: int = 256, jpeg_quality: int = 90, mode: str = "jpg",
-                workers: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Convert an ImageFolder tree to ``out_path`` (.beton) + ``out_path.json``.
+                workers: int | None = None, progress: bool = True, chunk_size: int = 1024,
+                resume: bool = True) -> dict[str, Any]:
+    """Convert an ImageFolder tree to ``out_path`` (.beton) + ``out_path.json``; resumable.
 
-    Returns ``{"written", "skipped", "skipped_files", "classes", "ignored", "path"}``.
-    Unreadable images (PIL cannot fully decode them) are skipped and counted.
+    Two phases. (1) Encode: the images, in ``scan_image_folder`` order, are decoded fully with
+    PIL, resized and encoded exactly as ffcv's RGBImageField would, ``chunk_size`` at a time, into
+    ``<out>.parts/chunk-NNNNNN.npz`` (each written to a temp name and renamed, so a chunk file is
+    complete or absent). A killed conversion rerun with the same source listing and settings
+    (recorded in ``<out>.parts/plan.json``) keeps the finished chunks and encodes only the rest;
+    anything else starts over. (2) Assemble: ffcv's DatasetWriter copies the stored bytes into
+    ``<out>.tmp-<pid>``, renamed to ``out_path`` when complete; then the sidecar is written and the
+    parts folder removed. Unreadable images are skipped and counted.
+
+    Returns ``{"written", "skipped", "skipped_files", "classes", "ignored", "path", "reused_chunks",
+    "chunks"}``.
     """
     _require_ffcv()
     from ffcv.fields import IntField, RGBImageField
@@ -153,52 +235,94 @@ def write_beton(root: str | os.PathLike[str], out_path: str | os.PathLike[str], 
         raise DataError(f"mode={mode!r} is not supported; use 'jpg' (smaller) or 'raw' (faster decode)")
     if int(max_resolution) < 1:
         raise DataError(f"max_resolution={max_resolution} must be a positive side length, e.g. 256")
+    if int(chunk_size) < 1:
+        raise DataError(f"chunk_size={chunk_size} must be >= 1, e.g. 1024")
     workers = max(1, int(workers or os.cpu_count() or 1))
     samples, classes, n_ignored = scan_image_folder(root)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    paths = [p for p, _ in samples]
-    with ThreadPoolExecutor(workers) as pool:
-        reasons = pool.map(_readable, paths, chunksize=16)
-        if progress:
-            try:
-                from tqdm import tqdm
+    # ---- phase 1: encode into chunk files (resumable)
+    parts = Path(str(out) + ".parts")
+    plan = {"version": _PLAN_VERSION, "source": str(Path(root).resolve()), "listing": _listing_digest(samples),
+            "count": len(samples), "max_resolution": int(max_resolution), "mode": mode,
+            "jpeg_quality": int(jpeg_quality), "chunk_size": int(chunk_size)}
+    plan_file = parts / "plan.json"
+    if parts.exists():
+        try:
+            old = json.loads(plan_file.read_text())
+        except (OSError, ValueError):
+            old = None
+        if not resume or old != plan:
+            why = "--overwrite" if not resume else "the source folder or the settings changed"
+            log.warning("discarding the partial conversion in %s (%s)", parts, why)
+            shutil.rmtree(parts)
+    parts.mkdir(parents=True, exist_ok=True)
+    for stale in parts.glob("*.tmp-*"):  # a chunk being written when the last run died
+        stale.unlink()
+    if not plan_file.is_file():
+        tmp = plan_file.with_name(f"plan.json.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(plan, indent=1))
+        os.replace(tmp, plan_file)
 
-                reasons = tqdm(reasons, total=len(paths), desc="checking images", leave=False)
-            except ImportError:  # pragma: no cover
-                pass
-        reasons = list(reasons)
-    kept = [(p, lab, i) for i, ((p, lab), r) in enumerate(zip(samples, reasons)) if r is None]
-    bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
+    n_chunks = -(-len(samples) // int(chunk_size))
+    files = [parts / f"chunk-{c:06d}.npz" for c in range(n_chunks)]
+    todo = [c for c in range(n_chunks) if not files[c].is_file()]
+    reused = n_chunks - len(todo)
+    if reused:
+        log.info("resuming the conversion: %d of %d chunks already encoded in %s", reused, n_chunks, parts)
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(samples), initial=min(len(samples), reused * int(chunk_size)), desc="encoding",
+                       unit="img")
+        except ImportError:  # pragma: no cover
+            pass
+    with ThreadPoolExecutor(workers) as pool:
+        for c in todo:
+            lo = c * int(chunk_size)
+            chunk = samples[lo:lo + int(chunk_size)]
+            _encode_chunk(files[c], chunk, lo, pool, int(max_resolution), mode, int(jpeg_quality))
+            if bar is not None:
+                bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+
+    # ---- phase 2: assemble the .beton from the chunks
+    counts, bad = [], []
+    for f in files:
+        with np.load(f) as z:
+            counts.append(int(z["label"].shape[0]))
+            bad.extend(zip(z["skipped_path"].tolist(), z["skipped_reason"].tolist()))
     for p, r in bad:
         log.warning("skipping unreadable image %s (%s)", p, r)
-    if not kept:
+    if sum(counts) == 0:
+        shutil.rmtree(parts, ignore_errors=True)
         raise DataError(f"none of the {len(samples)} images under '{root}' could be decoded; "
                         "check the files (e.g. open one with PIL) or point at another folder")
-
+    image_field = RGBImageField(write_mode=mode, max_resolution=int(max_resolution), jpeg_quality=int(jpeg_quality))
+    image_field.encode = _write_encoded  # the bytes are already encoded: copy them (type stays RGBImageField)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
-        writer = DatasetWriter(str(tmp), {
-            "image": RGBImageField(write_mode=mode, max_resolution=int(max_resolution),
-                                   jpeg_quality=int(jpeg_quality)),
-            "label": IntField(),
-            "index": IntField(),
-        }, num_workers=workers)
-        writer.from_indexed_dataset(_KeptImages(kept), chunksize=32)
+        writer = DatasetWriter(str(tmp), {"image": image_field, "label": IntField(), "index": IntField()},
+                               num_workers=workers)
+        writer.from_indexed_dataset(_ChunkImages(files, counts, mode), chunksize=64)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             tmp.unlink()
-    summary = {"written": len(kept), "skipped": len(bad), "skipped_files": [p for p, _ in bad],
-               "classes": classes, "ignored": n_ignored, "path": str(out)}
-    side = {"max_resolution": int(max_resolution), "count": len(kept), "skipped": len(bad),
+    side = {"max_resolution": int(max_resolution), "count": sum(counts), "skipped": len(bad),
             "classes": classes, "source": str(Path(root).resolve()), "mode": mode,
-            "jpeg_quality": int(jpeg_quality), "scanned": len(samples)}
+            "jpeg_quality": int(jpeg_quality), "scanned": len(samples), "listing": plan["listing"]}
     stmp = sidecar_path(out).with_name(sidecar_path(out).name + f".tmp-{os.getpid()}")
     stmp.write_text(json.dumps(side, indent=1))
     os.replace(stmp, sidecar_path(out))
-    return summary
+    shutil.rmtree(parts, ignore_errors=True)
+    return {"written": sum(counts), "skipped": len(bad), "skipped_files": [p for p, _ in bad],
+            "classes": classes, "ignored": n_ignored, "path": str(out), "reused_chunks": reused,
+            "chunks": n_chunks}
 
 
 # ----------------------------------------------------------------------------- loader
@@ -388,93 +512,6 @@ class _Epoch:
         _LIVE.discard(self)
 
 
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    """[N, 3, H, W] -> [N, 1, H, W] (ITU-R 601 luma, as torchvision)."""
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-
-
-def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """Per-sample brightness/contrast/saturation on [N, 3, H, W] in [0, 1].
-
-    factors: [N, 3] (brightness, contrast, saturation); order: [N, 3] int, a permutation of
-    (0, 1, 2) per sample giving the order in which the three ops are applied.
-    """
-    for step in range(3):
-        for op in range(3):
-            sel = (order[:, step] == op).nonzero().flatten()
-            if sel.numel() == 0:
-                continue
-            xs = x.index_select(0, sel)
-            f = factors.index_select(0, sel)[:, op].view(-1, 1, 1, 1)
-            if op == 0:
-                xs = xs * f
-            elif op == 1:
-                xs = f * xs + (1 - f) * _gray(xs).mean(dim=(1, 2, 3), keepdim=True)
-            else:
-                xs = f * xs + (1 - f) * _gray(xs)
-            x = x.index_copy(0, sel, xs.clamp_(0.0, 1.0))
-    return x
-
-
-def _flip_jitter_py(img, flip, factors, order, out):
-    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [0, 1]: per-sample horizontal flip, then
-    brightness / contrast / saturation (factors [B, 3]) in the per-sample ``order`` [B, 3]
-    (torchvision tensor formulas, clamped to [0, 1] after each op). Serial per sample (numba,
-    nogil): the result does not depend on the thread count."""
-    n, h, w = img.shape[0], img.shape[1], img.shape[2]
-    inv = np.float32(1.0 / 255.0)
-    r_w, g_w, b_w = np.float32(0.299), np.float32(0.587), np.float32(0.114)
-    zero, one = np.float32(0.0), np.float32(1.0)
-    for b in range(n):
-        for c in range(3):
-            for y in range(h):
-                for x in range(w):
-                    sx = w - 1 - x if flip[b] else x
-                    out[b, c, y, x] = np.float32(img[b, y, sx, c]) * inv
-        for step in range(3):
-            op = order[b, step]
-            f = np.float32(factors[b, op])
-            if f == one:
-                continue
-            if op == 0:
-                for c in range(3):
-                    for y in range(h):
-                        for x in range(w):
-                            out[b, c, y, x] = min(max(out[b, c, y, x] * f, zero), one)
-            elif op == 1:
-                acc = 0.0
-                for y in range(h):
-                    for x in range(w):
-                        acc += r_w * out[b, 0, y, x] + g_w * out[b, 1, y, x] + b_w * out[b, 2, y, x]
-                m = np.float32((one - f) * np.float32(acc / (h * w)))
-                for c in range(3):
-                    for y in range(h):
-                        for x in range(w):
-                            out[b, c, y, x] = min(max(f * out[b, c, y, x] + m, zero), one)
-            else:
-                g1 = one - f
-                for y in range(h):
-                    for x in range(w):
-                        gr = g1 * (r_w * out[b, 0, y, x] + g_w * out[b, 1, y, x] + b_w * out[b, 2, y, x])
-                        for c in range(3):
-                            out[b, c, y, x] = min(max(f * out[b, c, y, x] + gr, zero), one)
-    return out
-
-
-_FLIP_JITTER = None
-
-
-def _flip_jitter(img, flip, factors, order):
-    global _FLIP_JITTER
-    if _FLIP_JITTER is None:
-        from numba import njit
-
-        _FLIP_JITTER = njit(nogil=True, cache=True)(_flip_jitter_py)
-    img = np.ascontiguousarray(img)
-    out = np.empty((img.shape[0], 3, img.shape[1], img.shape[2]), dtype=np.float32)
-    return _FLIP_JITTER(img, flip, factors, order, out)
-
-
 def _next_or_raise(it, path: Path, stop: threading.Event | None = None):
     """``next(EpochIterator)`` that raises instead of hanging when ffcv's thread dies.
 
@@ -615,17 +652,13 @@ class FFCVLoader(ShardedPosition):
         factors = np.ones((b, 3), dtype=np.float32)
         order = np.zeros((b, 3), dtype=np.int64)
         masks = [] if self.mask_gen is not None else None
-        j = float(spec.jitter)
         for k, s in enumerate(seeds.tolist()):
             rng = np.random.default_rng(s)
-            flip[k] = rng.random() < spec.hflip
-            if j > 0:
-                factors[k] = rng.uniform(max(0.0, 1 - j), 1 + j, size=3)
-                order[k] = rng.permutation(3)
+            flip[k], factors[k], order[k] = draw_flip_jitter(rng, spec.hflip, float(spec.jitter))
             if masks is not None:
                 masks.append(self.mask_gen(rng))
 
-        x = torch.from_numpy(_flip_jitter(image, flip, factors, order)).to(dev, non_blocking=True)
+        x = flip_jitter_normalize(image, flip, factors, order, device=dev)  # [0, 1]: resized below
 
         def resized(size: int) -> torch.Tensor:
             if size == x.shape[-1]:

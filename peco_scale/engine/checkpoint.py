@@ -6,6 +6,7 @@ Layout under ``<run>/checkpoints``::
         model/ ...            DeepSpeed files of engine "model" (all ranks write their part)
         disc/  ...            another engine, if any
         rng_rank0.pt ...      each rank's RNG states
+        ema_rank0.pt ...      other per-rank state (``rank_state``), e.g. an EMA's partitions
         state.json            step, config, client state (rank 0)
         COMPLETE              written last, by rank 0, after a barrier
     latest                    name of the newest COMPLETE folder, replaced atomically
@@ -81,8 +82,10 @@ class CheckpointManager:
         self.root = Path(root)
         self.keep_last = keep_last
 
-    def save(self, engines: dict[str, Any], step: int, state: dict[str, Any]) -> Path:
-        """Save every engine, this rank's RNG, and (rank 0) ``state``; then publish."""
+    def save(self, engines: dict[str, Any], step: int, state: dict[str, Any],
+             rank_state: dict[str, Any] | None = None) -> Path:
+        """Save every engine, this rank's RNG and ``rank_state`` entries (``<name>_rank<r>.pt``), and
+        (rank 0) ``state``; then publish."""
         tag = f"step_{step:08d}"
         folder = self.root / tag
         rank = pdist.rank()
@@ -92,6 +95,8 @@ class CheckpointManager:
         for name, engine in engines.items():
             engine.save_checkpoint(str(folder), tag=name, save_latest=False)
         torch.save(rng_state(), folder / f"rng_rank{rank}.pt")
+        for name, obj in (rank_state or {}).items():
+            torch.save(obj, folder / f"{name}_rank{rank}.pt")
         pdist.barrier()
         if rank == 0:
             _atomic_write_text(folder / "state.json", json.dumps({"step": step, **state}, indent=1))
@@ -101,10 +106,16 @@ class CheckpointManager:
         pdist.barrier()
         return folder
 
+    def mark_best(self, tag: str) -> None:
+        """Name ``tag`` in ``<root>/best`` (rank 0); pruning never removes the checkpoint it names."""
+        if pdist.rank() == 0:
+            _atomic_write_text(self.root / "best", tag + "\n")
+
     def _prune(self, keep: str) -> None:
-        """Drop all but the newest ``keep_last`` complete checkpoints and stale partial ones."""
+        """Drop all but the newest ``keep_last`` complete checkpoints (and the ``best`` one) and stale partial ones."""
         tags = complete_tags(self.root)
-        doomed = set(tags[: max(0, len(tags) - self.keep_last)])
+        best = (self.root / "best").read_text().strip() if (self.root / "best").is_file() else None
+        doomed = set(tags[: max(0, len(tags) - self.keep_last)]) - {best}
         for p in self.root.iterdir():
             if _TAG.match(p.name) and p.name != keep and (p.name in doomed or not (p / "COMPLETE").is_file()):
                 if p.name < keep:
@@ -125,3 +136,9 @@ class CheckpointManager:
             log.warning("no RNG state for rank %d in %s (world size changed?); continuing with fresh RNG",
                         pdist.rank(), folder)
         return state
+
+    @staticmethod
+    def load_rank_state(folder: Path, name: str) -> Any:
+        """This rank's ``rank_state[name]`` saved in ``folder`` (None when absent)."""
+        path = folder / f"{name}_rank{pdist.rank()}.pt"
+        return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None

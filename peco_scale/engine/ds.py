@@ -107,3 +107,25 @@ def finalize_ds_config(cfg: dict[str, Any], *, micro_batch: int, grad_accum: int
     cfg.setdefault("zero_allow_untested_optimizer", True)  # client torch optimizers; DeepSpeed asks to be told
     cfg.setdefault("steps_per_print", 10**9)  # progress is ours to print
     return cfg
+
+
+def resolve_accum(micro: int, grad_accum: int, global_batch: int, world: int, recipe: str) -> int:
+    """Gradient-accumulation steps such that micro x accum x world == global batch (checked)."""
+    if micro < 1:
+        raise ConfigError(f"train.batch_size={micro}: set a micro-batch per rank (--batch_size N) or "
+                          f"train_micro_batch_size_per_gpu in the recipe")
+    if grad_accum < 0 or global_batch < 0:
+        raise ConfigError(f"train.grad_accum={grad_accum} and train.global_batch={global_batch} must be >= 0")
+    if global_batch and grad_accum:
+        if micro * grad_accum * world != global_batch:
+            raise ConfigError(f"micro-batch {micro} x gradient accumulation {grad_accum} x world size {world} = "
+                              f"{micro * grad_accum * world}, but the train batch size is {global_batch} "
+                              f"(train_batch_size in {recipe} or --global_batch); change one of them, "
+                              f"or drop the accumulation to have it derived")
+        return grad_accum
+    if global_batch:
+        if global_batch % (micro * world):
+            raise ConfigError(f"train batch size {global_batch} is not divisible by micro-batch {micro} x world size "
+                              f"{world} = {micro * world}; change --batch_size or --global_batch")
+        return global_batch // (micro * world)
+    return grad_accum or 1

@@ -16,7 +16,7 @@ from ..config import ConfigError, apply_overrides, field, load_file, parse_cli, 
 from ..data.masking import BlockMaskGenerator, default_min_block, default_num_masked
 from ..models.mim import KERNEL_BACKENDS
 from ..models.vit import parse_model_name
-from .ds import read_recipe
+from .ds import read_recipe, resolve_accum
 
 
 @dataclass
@@ -188,27 +188,8 @@ def resolve_stage2(cfg: Stage2Config, world_size: int | None = None) -> Resolved
         BlockMaskGenerator(grid, num_masked, min_block=min_block, min_aspect=cfg.mask.min_aspect)
     except ValueError as exc:
         raise ConfigError(f"mask: {exc}") from None
-    # batch arithmetic: micro x accum x world == global
+    accum = resolve_accum(t.batch_size, t.grad_accum, t.global_batch, world, t.deepspeed_config)
     micro = t.batch_size
-    if micro < 1:
-        raise ConfigError(f"train.batch_size={micro}: set a micro-batch per rank (--batch_size N) or "
-                          f"train_micro_batch_size_per_gpu in the recipe")
-    if t.grad_accum < 0 or t.global_batch < 0:
-        raise ConfigError(f"train.grad_accum={t.grad_accum} and train.global_batch={t.global_batch} must be >= 0")
-    if t.global_batch and t.grad_accum:
-        if micro * t.grad_accum * world != t.global_batch:
-            raise ConfigError(f"micro-batch {micro} x gradient accumulation {t.grad_accum} x world size {world} = "
-                              f"{micro * t.grad_accum * world}, but the train batch size is {t.global_batch} "
-                              f"(train_batch_size in {t.deepspeed_config} or --global_batch); change one of them, "
-                              f"or drop the accumulation to have it derived")
-        accum = t.grad_accum
-    elif t.global_batch:
-        if t.global_batch % (micro * world):
-            raise ConfigError(f"train batch size {t.global_batch} is not divisible by micro-batch {micro} x world size "
-                              f"{world} = {micro * world}; change --batch_size or --global_batch")
-        accum = t.global_batch // (micro * world)
-    else:
-        accum = t.grad_accum or 1
     # everything else
     if t.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"train.precision='{t.precision}' must be auto, bf16 or fp32")

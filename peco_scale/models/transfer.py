@@ -1,0 +1,191 @@
+"""Stage 3 building blocks: the classifier, pretrained-weight loading and layer-wise lr decay.
+
+The classifier is timm's own ``VisionTransformer`` with ``global_pool="avg"`` (mean of the patch
+tokens, then ``fc_norm``; the final per-token ``norm`` is an identity), as BEiT/MAE fine-tune.
+Its state dict is timm's, so a fine-tuned model exports to ``timm.create_model(name,
+num_classes=N, global_pool="avg")`` with ``strict=True``.
+
+Pretrained weights come from (in timm's layout, see :func:`load_pretrained`):
+
+- a stage-2 run (its folder, ``checkpoints/`` or a ``step_XXXXXXXX`` folder): the ZeRO checkpoint
+  is consolidated (fp32 master weights); layer-scale gammas are kept;
+- an export of ``python -m peco_scale.export`` (``backbone.safetensors``; gammas folded);
+- a timm checkpoint file (``.safetensors``, ``.pth``/``.pt``/``.bin``; a ``model``,
+  ``state_dict`` or ``module`` entry is unwrapped).
+
+The pretrained ``norm``, ``head`` and ``mask_token`` are dropped (the head and ``fc_norm`` start
+fresh, as in BEiT/MAE); position embeddings are resized bicubically when the grid differs.
+Anything else that does not fit the chosen architecture is one error line listing the keys.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..config import ConfigError
+from .vit import VIT_PRESETS, export_timm_state_dict, resize_pos_embed, timm_spec
+
+# BEiT v2 / EVA practice (PECO.md section 4): 0.65 for B (and the small presets), 0.75 L, 0.8 H
+LAYER_DECAY = {"vit_large_patch16": 0.75, "vit_huge_patch14": 0.8}
+# stochastic depth while fine-tuning: 0.1 for B and smaller, 0.2 L, 0.3 H (BEiT/EVA recipes)
+DROP_PATH = {"vit_large_patch16": 0.2, "vit_huge_patch14": 0.3}
+_FRESH = ("head.", "fc_norm.")  # initialised by the classifier, never taken from a checkpoint
+_DROPPED = ("norm.", "head.", "mask_token")  # pre-training parts the avg-pool classifier does not use
+
+
+def default_layer_decay(name: str) -> float:
+    return LAYER_DECAY.get(name, 0.65)
+
+
+def default_drop_path(name: str) -> float:
+    return DROP_PATH.get(name, 0.1)
+
+
+def build_classifier(name: str, img_size: int, num_classes: int, *, drop_path: float,
+                     layer_scale: float | None = None) -> nn.Module:
+    """timm VisionTransformer of preset ``name`` with a ``num_classes`` head on average pooling."""
+    import timm
+
+    timm_name, kwargs = classifier_timm_spec(name, img_size, num_classes, layer_scale)
+    return timm.create_model(timm_name, pretrained=False, drop_path_rate=drop_path, **kwargs)
+
+
+def classifier_timm_spec(name: str, img_size: int, num_classes: int, layer_scale: float | None = None,
+                         ) -> tuple[str, dict[str, Any]]:
+    """(timm name, kwargs) of the avg-pool classifier of preset ``name``: what an export names."""
+    timm_name, kwargs = timm_spec(VIT_PRESETS[name], img_size)
+    kwargs.update(num_classes=num_classes, global_pool="avg")
+    if layer_scale:
+        kwargs["init_values"] = layer_scale
+    return timm_name, kwargs
+
+
+# ----------------------------------------------------------------------------- pretrained weights
+
+
+def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
+    for key in ("model", "state_dict", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            return _unwrap(obj[key])
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConfigError("the checkpoint file holds no tensor state dict (looked at the top level and under "
+                          "'model', 'state_dict', 'module')")
+    return obj
+
+
+def load_pretrained(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """State dict in timm's layout + info (``kind``, and ``preset``/``img_size`` when known)."""
+    from ..export import FORMAT, _checkpoint_folder, consolidate
+
+    path = Path(source)
+    if not path.exists():
+        raise ConfigError(f"pretrained weights '{source}' do not exist; pass a stage-2 run folder, an exported "
+                          f"backbone.safetensors or a timm checkpoint file")
+    if path.is_dir():
+        folder = _checkpoint_folder(path)
+        state = json.loads((folder / "state.json").read_text())
+        if "model" not in state:
+            raise ConfigError(f"checkpoint {folder} is not a stage-2 (pretrain) or fine-tune checkpoint")
+        full = consolidate(folder)
+        if state.get("kind") == "finetune":
+            sd = full
+        else:
+            sd = {k[len("backbone."):]: v for k, v in full.items() if k.startswith("backbone.")}
+            sd = export_timm_state_dict(sd, fold_layer_scale=False)
+        return sd, {"kind": state.get("kind", "pretrain"), "preset": state["model"]["name"],
+                    "img_size": int(state["model"]["img_size"]), "source": str(folder)}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("format") == FORMAT:
+            return sd, {"kind": "export", "preset": meta.get("preset"), "source": str(path)}
+        return sd, {"kind": "timm", "source": str(path)}
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ConfigError(f"cannot read '{source}' as a torch checkpoint ({type(exc).__name__}: {exc}); pass a "
+                          f".safetensors/.pth file with a ViT state dict") from None
+    try:
+        sd = _unwrap(obj)
+    except ConfigError as exc:
+        raise ConfigError(f"'{source}': {exc}") from None
+    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()}, {"kind": "timm",
+                                                                                              "source": str(path)}
+
+
+def has_layer_scale(sd: dict[str, torch.Tensor]) -> bool:
+    return any(k.endswith(".ls1.gamma") for k in sd)
+
+
+def adapt_state_dict(sd: dict[str, torch.Tensor], model: nn.Module, source: str = "checkpoint",
+                     ) -> dict[str, torch.Tensor]:
+    """Fit a pretrained timm-layout state dict to ``model``: drop the pre-training-only parts,
+    resize position embeddings, and refuse (one line, listing keys) anything that does not fit."""
+    own = model.state_dict()
+    out = {k: v for k, v in sd.items() if not k.startswith(_DROPPED) or k in own and not k.startswith(_FRESH)}
+    if ("pos_embed" in out and "pos_embed" in own and out["pos_embed"].shape != own["pos_embed"].shape
+            and out["pos_embed"].shape[-1] == own["pos_embed"].shape[-1]):  # another grid: resize (else: listed below)
+        out["pos_embed"] = resize_pos_embed(out["pos_embed"], tuple(model.patch_embed.grid_size),
+                                            num_prefix_tokens=model.num_prefix_tokens)
+    expected = {k for k in own if not k.startswith(_FRESH)}
+    missing = sorted(expected - out.keys())
+    unexpected = sorted(out.keys() - own.keys())
+    shapes = sorted(k for k in out.keys() & own.keys() if out[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        parts = []
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if keys:
+                shown = ", ".join(f"{k}{tuple(out[k].shape)}->{tuple(own[k].shape)}" if what == "shape mismatch" else k
+                                  for k in keys[:4])
+                parts.append(f"{len(keys)} {what} ({shown}{', ...' if len(keys) > 4 else ''})")
+        raise ConfigError(f"{source} does not match the model's architecture: {'; '.join(parts)}; choose the "
+                          f"--model the checkpoint was trained with")
+    return {k: v.to(own[k].dtype) for k, v in out.items() if k in own}
+
+
+# ----------------------------------------------------------------------------- layer-wise lr decay
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """0 for the embeddings (patch, position, class token), i + 1 for block i, num_layers + 1 for
+    everything after the blocks (fc_norm, head)."""
+    if name in ("cls_token", "pos_embed", "reg_token", "mask_token") or name.startswith("patch_embed."):
+        return 0
+    m = _BLOCK.match(name)
+    if m:
+        return int(m.group(1)) + 1
+    return num_layers + 1
+
+
+def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups with ``lr_scale = layer_decay ** (num_layers + 1 - layer_id)`` (BEiT), and
+    weight decay off for 1-D parameters, biases and the model's ``no_weight_decay`` names."""
+    num_layers = len(model.blocks)
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lid = layer_id(name, num_layers)
+        decay = not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
+        g = groups.setdefault((lid, decay), {
+            "params": [], "names": [], "weight_decay": weight_decay if decay else 0.0,
+            "lr_scale": layer_decay ** (num_layers + 1 - lid), "name": f"layer{lid}_{'decay' if decay else 'no_decay'}"})
+        g["params"].append(p)
+        g["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+__all__ = ["adapt_state_dict", "build_classifier", "classifier_timm_spec", "default_drop_path", "default_layer_decay",
+           "has_layer_scale", "layer_decay_groups", "layer_id", "load_pretrained"]

@@ -17,21 +17,24 @@ tokenizer's downsample factor.
 
 Design:
 
-* Features are extracted once, deterministically, with the timm/BEiT eval transform: the
-  shorter side resized to floor(size / 0.875) (bicubic; 256 for 224, timm and BEiT both
-  floor), a centre crop of ``size``, then
-  ImageNet mean/std for the ViT or [-1, 1] for the tokenizer (as it was trained). They are
-  cached in host memory as fp32 (N x D x 4 bytes: 3.9 GB for ImageNet-1k train at D = 768).
-  Unreadable images are skipped and counted, never substituted.
+* Features are extracted once, deterministically, with the evaluation transform fine-tuning
+  uses (``peco_scale.data.eval.eval_transform``, timm/BEiT style): the shorter side resized to
+  round(size / 0.875) (bicubic; 256 for 224), a centre crop of ``size``, then ImageNet mean/std
+  for the ViT or [-1, 1] for the tokenizer (as it was trained). They are cached in host memory
+  as fp32 (N x D x 4 bytes: 3.9 GB for ImageNet-1k train at D = 768). Unreadable images are
+  skipped and counted, never substituted.
 * The classifier is MAE's linprobe head, ``BatchNorm1d(D, affine=False)`` + ``Linear(D, C)``:
   the BN standardises each feature channel (running statistics at evaluation) and has no
   parameters, so the probe stays linear in the features.
 * It is trained with mini-batch AdamW (weight decay 0, as MAE's probe) and a per-step cosine
-  learning rate, not with MAE's LARS: LARS exists for MAE's 16k-image batches, and on
-  BN-standardised inputs Adam's normalised steps make one default lr usable across batch
-  sizes, feature widths and dataset sizes, where SGD's lr has to be tuned for each.
-  Shuffling and initialisation come from a generator seeded by ``--seed`` (nothing touches the
-  global RNG), so a CPU run is exactly reproducible.
+  learning rate from ``--lr`` to 0, not with MAE's LARS or plain SGD: LARS exists for MAE's
+  16k-image batches, and SGD's lr has to be retuned with the feature width and batch size,
+  while Adam's per-parameter normalised steps keep one default lr usable. The defaults (lr
+  1e-3, batch 256, 100 epochs) are sized for ImageNet-scale sets; a set of a few hundred images
+  gets only a few hundred steps from them and needs a smaller ``--batch_size`` or a larger
+  ``--lr`` (a low ``train_top1`` is the sign). Shuffling and initialisation come from a
+  generator seeded by ``--seed`` (nothing touches the global RNG), so a CPU run is exactly
+  reproducible.
 * Accuracies are fractions in [0, 1]; ``top5`` is reported when there are at least 5 classes.
 """
 
@@ -49,34 +52,27 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
 
 from .config import ConfigError
 from .data import DataError, scan_image_folder
-from .data.mim import IMAGENET_MEAN, IMAGENET_STD
+from .data.eval import eval_transform
 from .export import create_timm_model
 from .models.artifact import load_tokenizer
 from .models.tokenizer import VQTokenizer
 
-CROP_PCT = 0.875  # timm/BEiT eval transform: resize to floor(size / 0.875), centre crop size
 TOKENIZER_MEAN = TOKENIZER_STD = (0.5, 0.5, 0.5)  # [0, 1] -> [-1, 1]
 DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_BATCH = 100, 1e-3, 256
 
 Samples = list[tuple[str, int]]
 Features = tuple[torch.Tensor, torch.Tensor, list[str], int]  # feats [N, D], labels [N], classes, skipped
-Encoder = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[Image.Image], torch.Tensor]]  # (images -> feats, transform)
+# (batch of images -> features, the PIL transform that makes its images)
+Encoder = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[Image.Image], torch.Tensor]]
 
 
 # ----------------------------------------------------------------------------- features
-
-
-def eval_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL image -> [3, size, size]: shorter side to floor(size / 0.875) (bicubic), centre crop, normalise."""
-    return T.Compose([T.Resize(math.floor(size / CROP_PCT), interpolation=T.InterpolationMode.BICUBIC),
-                      T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
 
 
 class _Images(Dataset):
@@ -135,7 +131,7 @@ def _vit_encoder(model: nn.Module, device: str | torch.device) -> Encoder:
     def encode(x: torch.Tensor) -> torch.Tensor:
         return model.forward_features(x)[:, model.num_prefix_tokens:].mean(1)
 
-    return encode, eval_transform(size, IMAGENET_MEAN, IMAGENET_STD)
+    return encode, eval_transform(size)
 
 
 def _check_img_size(img_size: int, factor: int) -> None:
@@ -146,13 +142,12 @@ def _check_img_size(img_size: int, factor: int) -> None:
 
 def _codeword_encoder(tokenizer: VQTokenizer, img_size: int, device: str | torch.device) -> Encoder:
     """Mean over the token grid of the tokens' codebook vectors."""
-    _check_img_size(img_size, tokenizer.downsample)
     tokenizer.eval().to(device)
 
     def encode(x: torch.Tensor) -> torch.Tensor:
         return tokenizer.quantizer.lookup(tokenizer.tokenize(x)).mean((2, 3))
 
-    return encode, eval_transform(img_size, TOKENIZER_MEAN, TOKENIZER_STD)
+    return encode, eval_transform(img_size, mean=TOKENIZER_MEAN, std=TOKENIZER_STD)
 
 
 def extract_vit_features(model: nn.Module, root: str | Path, *, batch_size: int, device: str | torch.device,
@@ -167,6 +162,7 @@ def extract_vit_features(model: nn.Module, root: str | Path, *, batch_size: int,
 def extract_codeword_features(tokenizer: VQTokenizer, root: str | Path, *, img_size: int, batch_size: int,
                               device: str | torch.device, workers: int = 0) -> Features:
     """Averaged-codeword features of a tokenizer over an ImageFolder tree (tokenizer set to eval, moved to device)."""
+    _check_img_size(img_size, tokenizer.downsample)
     samples, classes, _ = scan_image_folder(root)
     feats, labels, skipped = _extract(_codeword_encoder(tokenizer, img_size, device), samples, root,
                                       batch_size=batch_size, device=device, workers=workers)
@@ -234,7 +230,7 @@ def predict(head: nn.Module, feats: torch.Tensor, device: str | torch.device, ch
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     """Fraction of rows whose label is among the k largest logits."""
-    return (logits.topk(k, dim=1).indices == labels[:, None]).any(1).float().mean().item()
+    return (logits.topk(k, dim=1).indices == labels[:, None]).any(1).double().mean().item()
 
 
 def train_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
@@ -248,9 +244,10 @@ def train_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, va
     result: dict[str, Any] = {"top1": topk_accuracy(val_logits, val_labels, 1)}
     if num_classes >= 5:
         result["top5"] = topk_accuracy(val_logits, val_labels, 5)
-    result.update(chance=1.0 / num_classes, train_top1=topk_accuracy(predict(head, train_feats, device), train_labels, 1),
-                  num_train=len(train_labels), num_val=len(val_labels), feature_dim=int(train_feats.shape[1]),
-                  num_classes=num_classes, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    train_top1 = topk_accuracy(predict(head, train_feats, device), train_labels, 1)
+    result.update(chance=1.0 / num_classes, train_top1=train_top1, num_train=len(train_labels),
+                  num_val=len(val_labels), feature_dim=int(train_feats.shape[1]), num_classes=num_classes,
+                  epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
     return result
 
 
@@ -275,6 +272,10 @@ def load_backbone(path: str | Path) -> nn.Module:
         raise FileNotFoundError(f"backbone file '{path}' not found; export a stage-2 run first with "
                                 f"`python -m peco_scale.export RUN` (it writes RUN/backbone.safetensors)")
     try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("kind") == "finetune":  # its timm model pools differently and has a head
+                raise ConfigError(f"'{path}' is a fine-tuned classifier export; the linear probe takes the backbone "
+                                  f"of a pre-training run (`python -m peco_scale.export RUN` on a stage-2 run)")
         return create_timm_model(path).eval()
     except SafetensorError as exc:
         raise ConfigError(f"'{path}' is not a safetensors file ({exc}); pass the backbone.safetensors written by "
@@ -296,13 +297,15 @@ def _scan_pair(train_root: str | Path, val_root: str | Path) -> tuple[Samples, S
     """Both folders' samples and their (identical) class list; DataError naming the first difference otherwise."""
     for flag, root in (("--data", train_root), ("--val", val_root)):
         if not Path(root).is_dir():
-            raise DataError(f"{flag} folder '{root}' {'is not a directory' if Path(root).exists() else 'does not exist'}; "
-                            f"pass an ImageFolder tree (root/<class>/<image> or root/train/<class>/<image>)")
+            what = "is not a directory" if Path(root).exists() else "does not exist"
+            raise DataError(f"{flag} folder '{root}' {what}; pass an ImageFolder tree (root/<class>/<image> or "
+                            f"root/train/<class>/<image>)")
     train, classes, _ = scan_image_folder(train_root)
     val, val_classes, _ = scan_image_folder(val_root)
     if classes != val_classes:
-        i = next((i for i, (a, b) in enumerate(zip(classes, val_classes)) if a != b), min(len(classes), len(val_classes)))
-        if i < min(len(classes), len(val_classes)):
+        common = min(len(classes), len(val_classes))
+        i = next((i for i, (a, b) in enumerate(zip(classes, val_classes)) if a != b), common)
+        if i < common:
             diff = f"first difference at position {i}: '{classes[i]}' vs '{val_classes[i]}'"
         else:
             diff = (f"'{classes[i]}' is missing from --val" if len(classes) > i
@@ -312,22 +315,28 @@ def _scan_pair(train_root: str | Path, val_root: str | Path) -> tuple[Samples, S
     return train, val, classes
 
 
-def _run_probe(make_encoder: Callable[[torch.device], Encoder], train_root: str | Path, val_root: str | Path, *,
-               epochs: int, lr: float, batch_size: int, seed: int, device: str, extract_batch_size: int,
-               workers: int) -> dict[str, Any]:
-    """Scan, build the encoder (which checks its own arguments), extract both sets once, train and evaluate."""
+def _check_run_args(epochs: int, lr: float, batch_size: int, extract_batch_size: int, workers: int,
+                    device: str) -> torch.device:
+    """Every cheap check of a probe's numeric arguments; the resolved device."""
+    _check_training_args(epochs, lr, batch_size)
     if extract_batch_size <= 0:
-        raise ConfigError(f"--extract_batch_size {extract_batch_size} must be positive; pass e.g. --extract_batch_size 64")
+        raise ConfigError(f"--extract_batch_size {extract_batch_size} must be positive; pass e.g. "
+                          f"--extract_batch_size 64")
     if workers < 0:
         raise ConfigError(f"--workers {workers} must be 0 (decode in this process) or more")
+    return resolve_device(device)
+
+
+def _run_probe(encoder: Encoder, train_root: str | Path, val_root: str | Path, *, epochs: int, lr: float,
+               batch_size: int, seed: int, device: torch.device, extract_batch_size: int,
+               workers: int) -> dict[str, Any]:
+    """Scan both folders, extract both sets once, train and evaluate."""
     train, val, classes = _scan_pair(train_root, val_root)
-    dev = resolve_device(device)
-    encoder = make_encoder(dev)
-    kw = {"batch_size": extract_batch_size, "device": dev, "workers": workers}
+    kw = {"batch_size": extract_batch_size, "device": device, "workers": workers}
     train_feats, train_labels, train_skipped = _extract(encoder, train, train_root, **kw)
     val_feats, val_labels, val_skipped = _extract(encoder, val, val_root, **kw)
     result = train_linear_probe(train_feats, train_labels, val_feats, val_labels, len(classes), epochs=epochs, lr=lr,
-                                batch_size=batch_size, seed=seed, device=dev)
+                                batch_size=batch_size, seed=seed, device=device)
     result["skipped"] = train_skipped + val_skipped
     return result
 
@@ -336,11 +345,10 @@ def linear_probe(backbone_path: str | Path, train_root: str | Path, val_root: st
                  epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH, seed: int = 0,
                  device: str = "auto", extract_batch_size: int = 64, workers: int = 0) -> dict[str, Any]:
     """Linear probe of an exported stage-2 backbone (``python -m peco_scale.export RUN`` writes it)."""
-    _check_training_args(epochs, lr, batch_size)
+    dev = _check_run_args(epochs, lr, batch_size, extract_batch_size, workers, device)
     model = load_backbone(backbone_path)
-    result = _run_probe(lambda dev: _vit_encoder(model, dev), train_root, val_root, epochs=epochs, lr=lr,
-                        batch_size=batch_size, seed=seed, device=device, extract_batch_size=extract_batch_size,
-                        workers=workers)
+    result = _run_probe(_vit_encoder(model, dev), train_root, val_root, epochs=epochs, lr=lr, batch_size=batch_size,
+                        seed=seed, device=dev, extract_batch_size=extract_batch_size, workers=workers)
     return {"probe": "linear", "model": str(backbone_path), "img_size": int(model.patch_embed.img_size[0]), **result}
 
 
@@ -348,12 +356,12 @@ def codeword_probe(tokenizer_path: str | Path, train_root: str | Path, val_root:
                    epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH, seed: int = 0,
                    device: str = "auto", extract_batch_size: int = 64, workers: int = 0) -> dict[str, Any]:
     """Linear probe of a stage-1 tokenizer's averaged codewords (PeCo Table 4)."""
-    _check_training_args(epochs, lr, batch_size)
+    dev = _check_run_args(epochs, lr, batch_size, extract_batch_size, workers, device)
     tokenizer = _load_tokenizer(tokenizer_path)
     _check_img_size(img_size, tokenizer.downsample)
-    result = _run_probe(lambda dev: _codeword_encoder(tokenizer, img_size, dev), train_root, val_root, epochs=epochs,
-                        lr=lr, batch_size=batch_size, seed=seed, device=device,
-                        extract_batch_size=extract_batch_size, workers=workers)
+    result = _run_probe(_codeword_encoder(tokenizer, img_size, dev), train_root, val_root, epochs=epochs, lr=lr,
+                        batch_size=batch_size, seed=seed, device=dev, extract_batch_size=extract_batch_size,
+                        workers=workers)
     return {"probe": "codeword", "model": str(tokenizer_path), "img_size": img_size, **result}
 
 
@@ -409,7 +417,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="backbone.safetensors written by `python -m peco_scale.export RUN`")
     codeword = sub.add_parser("codeword", parents=[common], help="linear probe of a tokenizer's averaged codewords")
     codeword.add_argument("--tokenizer", required=True, help="tokenizer.safetensors written by train_tokenizer")
-    codeword.add_argument("--img_size", type=int, default=224, help="input size; a multiple of the tokenizer's downsample")
+    codeword.add_argument("--img_size", type=int, default=224,
+                          help="input size; a multiple of the tokenizer's downsample factor")
     return p
 
 

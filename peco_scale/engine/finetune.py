@@ -39,7 +39,7 @@ from .common import Window, lr_at, optimizer_steps, peak_memory_gb, stop_if_nonf
 from .ema import ShardedEMA
 from .finetune_config import FinetuneConfig, FinetuneResolved, resolve_finetune
 from .logger import MetricsLogger, log
-from .stage2 import _check_resume_compatible, use_bf16
+from .stage2 import _check_resume_compatible, _wandb_cfg, use_bf16
 
 
 def seed_everything(seed: int) -> None:
@@ -181,8 +181,6 @@ def finetune(cfg: FinetuneConfig, ds_dict: dict[str, Any]) -> dict[str, Any]:
         log.info("resumed from %s at step %d", resume_from, start_step)
     elif t.resume:
         log.info("resume=auto: no complete checkpoint in %s, starting fresh", ckpt.root)
-    from .stage2 import _wandb_cfg
-
     metrics = MetricsLogger(run_dir, rank, total_steps, start_step, wandb_cfg=_wandb_cfg(cfg, run_dir, wandb_id))
     metrics.truncate_after(start_step)
 

@@ -1,4 +1,4 @@
-"""Stage 3: fine-tune a pre-trained backbone for classification, under DeepSpeed.
+r"""Stage 3: fine-tune a pre-trained backbone for classification, under DeepSpeed.
 
     deepspeed launch/finetune.py --deepspeed_config ds_configs/finetune_zero2_vitb.json \
         --init runs/pretrain --data /path/to/imagenet/train --val /path/to/imagenet/val

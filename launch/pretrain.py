@@ -1,4 +1,4 @@
-"""Stage 2: masked image modeling over a frozen PeCo tokenizer, under DeepSpeed.
+r"""Stage 2: masked image modeling over a frozen PeCo tokenizer, under DeepSpeed.
 
     deepspeed launch/pretrain.py --deepspeed_config ds_configs/zero3_vith.json \
         --data /path/to/imagenet --tokenizer runs/tokenizer/tokenizer.safetensors

@@ -25,6 +25,21 @@ def lr_at(step: int, base: float, *, warmup: int, total: int, schedule: str = "c
     return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def step_schedule(batches_per_epoch: int, grad_accum: int, global_batch: int, train, optim,
+                  data_path: str) -> tuple[int, int, int, float]:
+    """(steps per epoch, total steps, warm-up steps, lr at this global batch) of a run's
+    ``train``/``optim`` config sections; a dataset too small for one optimizer step is one line."""
+    from ..config import ConfigError
+
+    steps_per_epoch = batches_per_epoch // grad_accum
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{data_path} gives {batches_per_epoch} micro-batches per rank, fewer than the "
+                          f"{grad_accum} accumulation steps of one optimizer step; lower the batch size")
+    total = train.max_steps if train.max_steps > 0 else train.epochs * steps_per_epoch
+    warmup = optim.warmup_steps if optim.warmup_steps >= 0 else int(round(optim.warmup_epochs * steps_per_epoch))
+    return steps_per_epoch, total, warmup, optim.lr * global_batch / optim.base_batch
+
+
 def autocast(device: torch.device, precision: str):
     """bf16 autocast for ``precision`` 'bf16', or 'auto' on GPU; a no-op context otherwise."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")

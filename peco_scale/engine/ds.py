@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, apply_overrides, load_file, parse_cli
 
 
 def _read_json(path: str | Path) -> dict[str, Any]:
@@ -129,3 +129,24 @@ def resolve_accum(micro: int, grad_accum: int, global_batch: int, world: int, re
                               f"{world} = {micro * world}; change --batch_size or --global_batch")
         return global_batch // (micro * world)
     return grad_accum or 1
+
+
+def config_from_recipe_argv(argv: list[str], cls: type, aliases: dict[str, str]) -> tuple[Any, dict[str, Any]]:
+    """Flags -> (config of type ``cls``, the recipe's DeepSpeed dict without our blocks).
+
+    Precedence: ``cls`` defaults -> the recipe (``train.deepspeed_config``) -> --config FILE ->
+    --section.key flags.
+    """
+    cli, options = parse_cli(argv, aliases)
+    file_overrides = load_file(options.pop("config")) if "config" in options else {}
+    options.pop("local_rank", None)  # passed by the deepspeed launcher; LOCAL_RANK is read from env
+    if options:
+        raise ConfigError(f"unknown option(s) {', '.join('--' + k for k in options)}; options are --config FILE "
+                          f"and --section.key VALUE (see --help)")
+    recipe_path = cli.get("train.deepspeed_config", file_overrides.get("train.deepspeed_config",
+                                                                       cls().train.deepspeed_config))
+    ds_dict, recipe = read_recipe(recipe_path)
+    cfg = cls()
+    for source, layer in ((f"recipe '{recipe_path}'", recipe), ("config file", file_overrides), ("command line", cli)):
+        apply_overrides(cfg, layer, source)
+    return cfg, ds_dict

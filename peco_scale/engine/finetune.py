@@ -35,7 +35,8 @@ from ..plan import vit_forward_flops
 from . import dist as pdist
 from . import ds
 from .checkpoint import CheckpointManager, find_resume
-from .common import Window, lr_at, optimizer_steps, peak_memory_gb, stop_if_nonfinite, stop_if_weights_nonfinite
+from .common import (Window, lr_at, optimizer_steps, peak_memory_gb, step_schedule, stop_if_nonfinite,
+                     stop_if_weights_nonfinite)
 from .ema import ShardedEMA
 from .finetune_config import FinetuneConfig, FinetuneResolved, resolve_finetune
 from .logger import MetricsLogger, log
@@ -135,13 +136,8 @@ def finetune(cfg: FinetuneConfig, ds_dict: dict[str, Any]) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
-    steps_per_epoch = loader.batches_per_epoch // r.grad_accum
-    if steps_per_epoch == 0:
-        raise ConfigError(f"{d.path} gives {loader.batches_per_epoch} micro-batches per rank, fewer than the "
-                          f"{r.grad_accum} accumulation steps of one optimizer step; lower the batch size")
-    total_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
-    warmup = o.warmup_steps if o.warmup_steps >= 0 else int(round(o.warmup_epochs * steps_per_epoch))
-    base_lr = o.lr * r.global_batch / o.base_batch
+    steps_per_epoch, total_steps, warmup, base_lr = step_schedule(loader.batches_per_epoch, r.grad_accum,
+                                                                  r.global_batch, t, o, d.path)
     eval_loader = EvalLoader(d.val_path, r.img_size, batch_size=r.eval_batch_size, rank=rank, world_size=world,
                              workers=min(d.workers, 4), crop_pct=d.eval_crop_pct, device=str(device))
 

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, apply_overrides, field, load_file, parse_cli, section
+from ..config import ConfigError, field, section
 from ..data.masking import BlockMaskGenerator, default_min_block, default_num_masked
 from ..models.mim import KERNEL_BACKENDS
 from ..models.vit import parse_model_name
-from .ds import read_recipe, resolve_accum
+from .ds import config_from_recipe_argv, resolve_accum
 
 
 @dataclass
@@ -107,19 +107,7 @@ STAGE2_ALIASES = {
 
 def config_from_argv(argv: list[str]) -> tuple[Stage2Config, dict[str, Any]]:
     """Flags -> (resolved config, the DeepSpeed dict of the recipe without our blocks)."""
-    cli, options = parse_cli(argv, STAGE2_ALIASES)
-    file_overrides = load_file(options.pop("config")) if "config" in options else {}
-    options.pop("local_rank", None)  # passed by the deepspeed launcher; LOCAL_RANK is read from env
-    if options:
-        raise ConfigError(f"unknown option(s) {', '.join('--' + k for k in options)}; options are --config FILE "
-                          f"and --section.key VALUE (see --help)")
-    recipe_path = cli.get("train.deepspeed_config", file_overrides.get("train.deepspeed_config",
-                                                                       Stage2Config().train.deepspeed_config))
-    ds_dict, recipe = read_recipe(recipe_path)
-    cfg = Stage2Config()
-    for source, layer in ((f"recipe '{recipe_path}'", recipe), ("config file", file_overrides), ("command line", cli)):
-        apply_overrides(cfg, layer, source)
-    return cfg, ds_dict
+    return config_from_recipe_argv(argv, Stage2Config, STAGE2_ALIASES)
 
 
 @dataclass

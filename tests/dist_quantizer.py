@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", type=int, default=0)
     args = p.parse_args()
-    from peco_scale.engine.dist import init_distributed
+    from peco_scale.engine.dist import init_distributed, shutdown_distributed
 
     rank, world, _ = init_distributed()
     assert world == 2
@@ -61,6 +61,7 @@ def main() -> None:
             init = vq.codebook.clone()
     torch.save({"codebook": plain.codebook, "restart_codebook": vq.codebook, "restart_init": init},
                Path(args.out) / f"rank{rank}.pt")
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -54,6 +54,19 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def shutdown_distributed() -> None:
+    """Meet every rank, then tear the process group down before the interpreter exits.
+
+    Left to interpreter shutdown, gloo's destructors can run while a peer has already closed
+    its sockets, and a rank that finished correctly then aborts ("terminate called without an
+    active exception", exit -6) and fails the whole launcher.
+    """
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 

@@ -38,6 +38,10 @@ def run_entry(argv: list[str], doc: str, cls: type, aliases: dict[str, str],
     except NonFiniteLoss as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    from .dist import shutdown_distributed, world_size
+
+    if world_size() > 1:  # a world of one (in-process callers, tests) keeps its group
+        shutdown_distributed()
     if rank == 0:
         report(summary)
     return 0

@@ -11,7 +11,7 @@ DS_LAUNCH := DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} $(BIN)/deepspeed --num_gpus 
 # `opencv`; Debian names it opencv4, so a link in build/pkgconfig provides the expected name.
 PKGCONF := $(CURDIR)/build/pkgconfig
 
-.PHONY: install syslibs demo test clean
+.PHONY: install syslibs slurm demo test clean
 
 syslibs:
 	@if ! pkg-config --exists opencv4 2>/dev/null || ! pkg-config --exists libturbojpeg 2>/dev/null; then \
@@ -22,6 +22,16 @@ syslibs:
 	fi
 	mkdir -p $(PKGCONF)
 	ln -sf "$$(pkg-config --variable=pcfiledir opencv4)/opencv4.pc" $(PKGCONF)/opencv.pc
+
+# The SLURM tests start a real one-node cluster (slurmctld, slurmd, munged): Debian's packages.
+slurm:
+	@if ! command -v slurmctld >/dev/null 2>&1 || ! command -v munged >/dev/null 2>&1; then \
+	  echo "installing SLURM and munge for the cluster tests"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q slurm-wlm munge \
+	  || { $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q slurm-wlm munge; } \
+	  || echo "warning: could not install slurm-wlm and munge: the SLURM tests will say so and skip"; \
+	fi
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,7 +57,7 @@ demo: install
 	$(BIN)/python -m peco_scale.probe codeword --tokenizer $(DEMO)/tokenizer/tokenizer.safetensors --data $(DEMO)/data --val $(DEMO)/val --out $(DEMO)/codeword_probe.json
 	@echo "stage 3 done: fine-tune metrics $(DEMO)/finetune/metrics.jsonl, timm classifier $(DEMO)/finetune/classifier.safetensors"
 
-test: install
+test: install slurm
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -170,8 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions on CPU (CUDA uses do_bench)")
     ap.add_argument("--scale", type=float, default=0.0,
                     help="row-count scale of the shapes (default 1 on CUDA, 1/64 on CPU)")
+    ap.add_argument("--shape", default="", help="one shape only (an array task's share): "
+                    + ", ".join([*CE_SHAPES, *VQ_SHAPES]))
     ap.add_argument("--results", default="benchmarks/results/kernels.jsonl")
     args = ap.parse_args(argv)
+    if args.shape and args.shape not in CE_SHAPES and args.shape not in VQ_SHAPES:
+        ap.error(f"--shape {args.shape} is not a known shape; choose one of {', '.join([*CE_SHAPES, *VQ_SHAPES])}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     scale = args.scale or (1.0 if cuda else 1 / 64)
@@ -181,12 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     if note:
         print(note)
     peak = matmul_peak_tflops(device, dtype)
-    ce = {k: (max(1, int(m * scale)), h) for k, (m, h) in CE_SHAPES.items()}
-    vq = {k: (max(1, int(n * scale)), d) for k, (n, d) in VQ_SHAPES.items()}
+    ce = {k: (max(1, int(m * scale)), h) for k, (m, h) in CE_SHAPES.items() if args.shape in ("", k)}
+    vq = {k: (max(1, int(n * scale)), d) for k, (n, d) in VQ_SHAPES.items() if args.shape in ("", k)}
     rows = []
-    if args.kernel in ("ce", "all"):
+    if args.kernel in ("ce", "all") and ce:
         rows += bench_ce(device, dtype, ce, args.reps, note)
-    if args.kernel in ("vq", "all"):
+    if args.kernel in ("vq", "all") and vq:
         rows += bench_vq(device, dtype, vq, args.reps, note)
     meta = {"date": dt.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if cuda else (platform.processor() or "cpu"),

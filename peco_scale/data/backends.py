@@ -94,6 +94,7 @@ class FolderLoader(ShardedPosition):
         import torch
         from torch.utils.data import DataLoader
 
+        from ..engine.preempt import ignore_stop_signals
         from .folder import ImageFolderDataset, ShardedSampler
 
         if spec.task not in TASKS:
@@ -107,7 +108,7 @@ class FolderLoader(ShardedPosition):
         self._loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
                                   drop_last=True, pin_memory=self.device.type == "cuda",
                                   multiprocessing_context="fork" if workers else None,
-                                  generator=torch.Generator().manual_seed(seed))
+                                  worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(seed))
 
     def __iter__(self):
         for batch in self._loader:

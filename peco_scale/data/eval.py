@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader
 
+from ..engine.preempt import ignore_stop_signals
 from .folder import ImageFolderDataset
 from .mim import IMAGENET_MEAN, IMAGENET_STD
 
@@ -43,7 +44,7 @@ class EvalLoader:
         # its own generator: evaluating never draws from the global RNG that training (drop path) uses
         self._loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.indices, num_workers=workers,
                                   multiprocessing_context="fork" if workers else None,
-                                  generator=torch.Generator().manual_seed(0))
+                                  worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(0))
 
     def __len__(self) -> int:
         return len(self.indices) // self.batch_size

@@ -13,6 +13,13 @@ Layout under ``<run>/checkpoints``::
 
 A save killed midway leaves a folder without COMPLETE, which ``find_resume`` never picks.
 ``save`` must be called on every rank (DeepSpeed hangs otherwise).
+
+Disk space: ``check_output`` (at start) stops with one line when the folder is not writable or
+cannot hold one checkpoint; before each save every rank checks the free space against the size
+of the previous checkpoint (or 16 bytes per parameter before the first) and all ranks agree, so a
+full disk stops the run with :class:`CheckpointError` before anything is written, keeping the
+previous checkpoint. A write that fails anyway (a quota, another job filling the disk) raises the
+same error on the rank that saw it; its peers then fail in their next collective.
 """
 
 from __future__ import annotations
@@ -32,6 +39,20 @@ from . import dist as pdist
 from .logger import log
 
 _TAG = re.compile(r"^step_(\d{8})$")
+BYTES_PER_PARAM = 16  # fp32 master + Adam's two moments + the 16/32-bit module weights, rounded up
+SPACE_MARGIN = 1.1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the previous complete one is kept."""
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -77,10 +98,53 @@ def find_resume(root: Path) -> Path | None:
     return root / tags[-1] if tags else None
 
 
+def check_writable(root: Path, what: str = "--train.output_dir") -> None:
+    """Create ``root`` and write, sync and remove a probe file in it: an unwritable or read-only
+    output folder is one line at start, not an error at the first checkpoint hours later."""
+    from ..config import ConfigError
+
+    probe = root / f".write_probe.{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"peco")
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"output folder {root} is not writable ({exc.strerror or exc}); fix its permissions or "
+                          f"choose another {what}") from None
+
+
 class CheckpointManager:
     def __init__(self, root: str | Path, keep_last: int = 2):
         self.root = Path(root)
         self.keep_last = keep_last
+        self.expected_bytes = 0
+        self.device = None
+
+    def check_output(self, n_params: int, device) -> None:
+        """At start, on every rank (collective): the checkpoint folder is writable and has room for
+        one checkpoint of ``n_params`` parameters (or of the newest complete one's measured size)."""
+        from ..config import ConfigError
+
+        self.device = device
+        check_writable(self.root)
+        latest = find_resume(self.root)
+        self.expected_bytes = folder_bytes(latest) if latest is not None else BYTES_PER_PARAM * n_params
+        short = self._short_of_space()
+        if short:
+            raise ConfigError(f"{short}; free space there or choose another --train.output_dir")
+
+    def _short_of_space(self) -> str:
+        """'' when every rank's checkpoint folder has room for the expected checkpoint, else the
+        reason; agreed over ranks (one all-reduce) so that all of them act on it together."""
+        need = int(self.expected_bytes * SPACE_MARGIN)
+        free = shutil.disk_usage(self.root).free
+        ranks_with_room = pdist.all_reduce_sum([float(free >= need)], self.device or "cpu")[0]
+        if ranks_with_room >= pdist.world_size():
+            return ""
+        return (f"{self.root} has {_size(free)} free on rank {pdist.rank()} (or less on another rank); a checkpoint of "
+                f"this run needs about {_size(need)}")
 
     def save(self, engines: dict[str, Any], step: int, state: dict[str, Any],
              rank_state: dict[str, Any] | None = None) -> Path:
@@ -89,21 +153,33 @@ class CheckpointManager:
         tag = f"step_{step:08d}"
         folder = self.root / tag
         rank = pdist.rank()
-        if rank == 0 and folder.exists():
-            shutil.rmtree(folder)  # a leftover of a killed save at this same step
-        pdist.barrier()
-        for name, engine in engines.items():
-            engine.save_checkpoint(str(folder), tag=name, save_latest=False)
-        torch.save(rng_state(), folder / f"rng_rank{rank}.pt")
-        for name, obj in (rank_state or {}).items():
-            torch.save(obj, folder / f"{name}_rank{rank}.pt")
-        pdist.barrier()
-        if rank == 0:
-            _atomic_write_text(folder / "state.json", json.dumps({"step": step, **state}, indent=1))
-            _atomic_write_text(folder / "COMPLETE", f"{step}\n")
-            _atomic_write_text(self.root / "latest", tag + "\n")
-            self._prune(keep=tag)
-        pdist.barrier()
+        kept = find_resume(self.root)
+        keeping = f"the newest complete checkpoint {kept} is kept" if kept else "no earlier checkpoint exists"
+        short = self._short_of_space() if self.expected_bytes else ""
+        if short:
+            raise CheckpointError(f"checkpoint at step {step} not written: {short}; {keeping}; free space, then "
+                                  f"rerun with --resume auto")
+        try:
+            if rank == 0 and folder.exists():
+                shutil.rmtree(folder)  # a leftover of a killed save at this same step
+            pdist.barrier()
+            for name, engine in engines.items():
+                engine.save_checkpoint(str(folder), tag=name, save_latest=False)
+            torch.save(rng_state(), folder / f"rng_rank{rank}.pt")
+            for name, obj in (rank_state or {}).items():
+                torch.save(obj, folder / f"{name}_rank{rank}.pt")
+            pdist.barrier()
+            if rank == 0:
+                _atomic_write_text(folder / "state.json", json.dumps({"step": step, **state}, indent=1))
+                _atomic_write_text(folder / "COMPLETE", f"{step}\n")
+                _atomic_write_text(self.root / "latest", tag + "\n")
+                self._prune(keep=tag)
+            pdist.barrier()
+        except (OSError, RuntimeError) as exc:  # torch.save wraps ENOSPC in a RuntimeError
+            raise CheckpointError(f"checkpoint at step {step} failed on rank {rank}: {exc}; {keeping} (the partial "
+                                  f"{folder.name} has no COMPLETE marker and is never resumed from)") from exc
+        if self.expected_bytes:
+            self.expected_bytes = folder_bytes(folder)  # measured: the next save needs about as much
         return folder
 
     def mark_best(self, tag: str) -> None:

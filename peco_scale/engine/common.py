@@ -1,4 +1,7 @@
-"""Pieces every training loop shares: the lr schedule, the non-finite stop, windowed means."""
+"""Pieces every training loop shares: the lr schedule, the non-finite stops, windowed means.
+
+The per-step non-finite-loss check lives in ``preempt.StopFlag.check``, which shares its
+all-reduce with the stop-signal agreement."""
 
 from __future__ import annotations
 
@@ -44,14 +47,6 @@ def autocast(device: torch.device, precision: str):
     """bf16 autocast for ``precision`` 'bf16', or 'auto' on GPU; a no-op context otherwise."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-
-def stop_if_nonfinite(loss: float, step: int, ckpt_root, device: torch.device) -> None:
-    """Raise NonFiniteLoss on every rank if the loss is not finite on any rank (the others would
-    otherwise hang in the next collective)."""
-    if not math.isfinite(pdist.all_reduce_sum([loss], device)[0]):
-        raise NonFiniteLoss(f"non-finite loss {loss} at step {step}; stopped, and the last good checkpoint "
-                            f"in {ckpt_root} is kept")
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -1,8 +1,11 @@
 """The shared body of the launch/ entry points: --help, logging, the error lines and exit codes.
 
 Exit codes: 0 done, 2 bad input (one ``error:`` line: ConfigError, DataError, or a stage's own
-user-error types), 3 non-finite loss. ``run(argv)`` parses, checks and trains, returning the
-stage's summary; ``report(summary)`` prints it on rank 0.
+user-error types), 3 non-finite loss, 4 a checkpoint could not be written (full disk; the previous
+one is kept), 75 stopped by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint (resume with
+``--resume auto``; the SLURM scripts requeue on it). ``run(argv)`` parses, checks and trains,
+returning the stage's summary; ``report(summary)`` prints it on rank 0, which also writes it to
+``<run>/summary.json`` for ``python -m peco_scale.collect``.
 """
 
 from __future__ import annotations
@@ -25,23 +28,48 @@ def run_entry(argv: list[str], doc: str, cls: type, aliases: dict[str, str],
         print("shorthands: " + ", ".join(f"--{k} = --{v}" for k, v in aliases.items()))
         return 0
     from ..data import DataError
+    from .checkpoint import CheckpointError
     from .common import NonFiniteLoss
+    from .dist import shutdown_distributed, world_size
     from .logger import setup_logging
+    from .preempt import EXIT_REQUEUE, Interrupted, StopFlag
 
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
     try:
-        summary = run(argv)
+        with StopFlag():  # from here on SIGTERM/SIGINT/SIGUSR1 mean: checkpoint at the next step, exit 75
+            summary = run(argv)
     except (ConfigError, DataError, *user_errors) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteLoss as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    from .dist import shutdown_distributed, world_size
-
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 4
+    except Interrupted as exc:
+        if world_size() > 1:  # every rank agreed to stop here: leave together
+            shutdown_distributed()
+        if rank == 0:
+            print(f"interrupted: {exc}", file=sys.stderr)
+        return EXIT_REQUEUE
     if world_size() > 1:  # a world of one (in-process callers, tests) keeps its group
         shutdown_distributed()
     if rank == 0:
+        write_summary(summary)
         report(summary)
     return 0
+
+
+def write_summary(summary: dict[str, Any]) -> None:
+    """``<run_dir>/summary.json`` (atomically): the line an array job's collector reads."""
+    import json
+    from pathlib import Path
+
+    if "run_dir" not in summary:
+        return
+    path = Path(summary["run_dir"]) / "summary.json"
+    tmp = path.with_name(f".summary.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(summary, indent=1, default=str))
+    os.replace(tmp, path)

@@ -33,13 +33,14 @@ from ..models.transfer import (adapt_state_dict, build_classifier, has_layer_sca
 from ..models.vit import VIT_PRESETS
 from ..plan import vit_forward_flops
 from . import dist as pdist
-from . import ds
-from .checkpoint import CheckpointManager, find_resume
-from .common import (Window, lr_at, optimizer_steps, peak_memory_gb, step_schedule, stop_if_nonfinite,
+from . import ds, preempt
+from .checkpoint import CheckpointManager, check_writable, find_resume
+from .common import (Window, lr_at, optimizer_steps, peak_memory_gb, step_schedule,
                      stop_if_weights_nonfinite)
 from .ema import ShardedEMA
 from .finetune_config import FinetuneConfig, FinetuneResolved, resolve_finetune
 from .logger import MetricsLogger, log
+from .preempt import Interrupted
 from .stage2 import _check_resume_compatible, _wandb_cfg, use_bf16
 
 
@@ -128,6 +129,7 @@ def finetune(cfg: FinetuneConfig, ds_dict: dict[str, Any]) -> dict[str, Any]:
         resume_from = find_resume(ckpt.root) if t.resume == "auto" else Path(t.resume)
         if resume_from is not None:
             _check_resume_compatible(resume_from, "", r.world_size)
+    check_writable(ckpt.root)
     rank, world, device = pdist.init_distributed()
     if world != r.world_size:
         r = resolve_finetune(cfg, world)
@@ -148,6 +150,7 @@ def finetune(cfg: FinetuneConfig, ds_dict: dict[str, Any]) -> dict[str, Any]:
     zero = None if t.zero_stage < 0 else t.zero_stage
     ds_cfg = ds.finalize_ds_config(ds_dict, micro_batch=r.batch_size, grad_accum=r.grad_accum, world_size=world,
                                    grad_clip=o.grad_clip, zero_stage=zero, bf16=bf16)
+    ckpt.check_output(sum(p.numel() for p in model.parameters()) * (5 if m.ema else 4) // 4, device)  # EMA: +4 B
     groups = layer_decay_groups(model, o.weight_decay, r.layer_decay)
     for g in groups:
         g.pop("names")
@@ -205,7 +208,10 @@ def finetune(cfg: FinetuneConfig, ds_dict: dict[str, Any]) -> dict[str, Any]:
         if best["step"] == at:
             ckpt.mark_best(folder.name)
 
-    for step, epoch, micro_batches in optimizer_steps(loader, start_step, total_steps, steps_per_epoch, r.grad_accum):
+    stopping = None
+    stop = preempt.current()
+    for step, epoch, micro_batches in optimizer_steps(loader, start_step, total_steps, steps_per_epoch,
+                                                      r.grad_accum):
         lr = lr_at(step, base_lr, warmup=warmup, total=total_steps, floor=min(o.min_lr, base_lr))
         for group in engine.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
@@ -225,11 +231,11 @@ def finetune(cfg: FinetuneConfig, ds_dict: dict[str, Any]) -> dict[str, Any]:
         if ema is not None:
             ema.update()
         acc_f = {k: float(v) for k, v in acc.items()}
-        stop_if_nonfinite(acc_f["loss"], step + 1, ckpt.root, device)
+        stopping = stop.check(acc_f["loss"], step + 1, ckpt.root, device)
         step += 1
         window.add(acc_f, r.global_batch)
         metrics.advance()
-        if step % t.log_every == 0 or step == total_steps:
+        if step % t.log_every == 0 or step == total_steps or stopping:
             means = window.means(device, {"skipped_images": skipped})
             ips = window.images / window.elapsed()
             last = {"step": step, "epoch": epoch, **means, "lr": lr, "grad_norm": engine.get_global_grad_norm(),
@@ -255,12 +261,16 @@ def finetune(cfg: FinetuneConfig, ds_dict: dict[str, Any]) -> dict[str, Any]:
             log.info("eval at step %d (epoch %.2f): top-1 %.2f%%, top-5 %.2f%%, loss %.4f on %d images%s; best %.2f%%",
                      step, last_eval["epoch"], res["top1"], res["top5"], res["loss"], res["images"],
                      f"; EMA top-1 {last_eval['ema_eval_top1']:.2f}%" if ema is not None else "", best["top1"])
-            if improved and step % t.ckpt_every and step != total_steps:
+            if improved and step % t.ckpt_every and step != total_steps and not stopping:
                 save(step)
-        if step % t.ckpt_every == 0 or step == total_steps:
+        if step % t.ckpt_every == 0 or step == total_steps or stopping:
             save(step)
-    metrics.close()
+        if stopping:
+            break
+    metrics.close(preempted=bool(stopping) and step < total_steps)
     pdist.barrier()
+    if stopping and step < total_steps:
+        raise Interrupted(stopping, step, total_steps, find_resume(ckpt.root))
     return {"final": last, "eval": last_eval, "best": best, "steps": step, "num_classes": r.num_classes,
             "run_dir": str(run_dir),
             "metrics": str(run_dir / "metrics.jsonl"), "checkpoint": str(find_resume(ckpt.root))}

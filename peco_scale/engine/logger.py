@@ -77,10 +77,13 @@ class MetricsLogger:
             shown = {k: row[k] for k in ("loss", "mlm_acc", "rec_loss", "percep_loss", "codebook_usage") if k in row}
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if isinstance(v, (int, float))})
 
-    def close(self) -> None:
+    def close(self, preempted: bool = False) -> None:
+        """End the progress bar and the wandb run; ``preempted`` tells wandb the run will resume."""
         if self._bar is not None:
             self._bar.close()
         if self._wandb is not None:
+            if preempted:
+                self._wandb.mark_preempting()
             self._wandb.finish()
 
 

@@ -22,10 +22,11 @@ from ..models.discriminator import PatchDiscriminator, hinge_d_loss
 from ..models.perceptual import PerceptualLoss
 from ..models.tokenizer import VQTokenizer
 from . import dist as pdist
-from . import ds
-from .common import Window, autocast, lr_at, optimizer_steps, stop_if_nonfinite, stop_if_weights_nonfinite
-from .checkpoint import CheckpointManager, find_resume
+from . import ds, preempt
+from .checkpoint import CheckpointManager, check_writable, find_resume
+from .common import Window, autocast, lr_at, optimizer_steps, stop_if_weights_nonfinite
 from .logger import MetricsLogger, log
+from .preempt import Interrupted
 from .stage1_config import Stage1Config, validate_stage1
 
 
@@ -49,8 +50,10 @@ def train_tokenizer(cfg: Stage1Config) -> dict[str, Any]:
     validate_stage1(cfg)
     # fails fast on a missing/empty dataset, before DeepSpeed starts
     loader = _build_loader(cfg)
-    rank, world, device = pdist.init_distributed()
     t = cfg.train
+    ckpt = CheckpointManager(Path(t.output_dir) / "checkpoints", keep_last=t.keep_last)
+    check_writable(ckpt.root)
+    rank, world, device = pdist.init_distributed()
     torch.manual_seed(t.seed + rank)
     run_dir = Path(t.output_dir)
     if rank == 0:
@@ -71,8 +74,9 @@ def train_tokenizer(cfg: Stage1Config) -> dict[str, Any]:
     model = VQTokenizer(cfg.model, cfg.quantizer)
     criterion = PeCoLoss(cfg.loss.pixel, cfg.loss.perceptual_weight, _build_perceptual(cfg)).to(device)
     torch.manual_seed(t.seed + rank)
+    n_params = sum(p.numel() for p in model.parameters())
     log.info("tokenizer '%s': %.2fM params, %dx downsample, %s", cfg.model.preset,
-             sum(p.numel() for p in model.parameters()) / 1e6, model.downsample, model.quantizer.extra_repr())
+             n_params / 1e6, model.downsample, model.quantizer.extra_repr())
     zero = None if t.zero_stage < 0 else t.zero_stage
     ds_cfg = ds.load_ds_config(t.deepspeed_config, micro_batch=t.batch_size, grad_accum=t.grad_accum,
                                world_size=world, grad_clip=t.grad_clip, zero_stage=zero, allowed_stages=(0, 1, 2))
@@ -84,25 +88,34 @@ def train_tokenizer(cfg: Stage1Config) -> dict[str, Any]:
         disc = PatchDiscriminator(cfg.model.in_channels, cfg.disc.channels, cfg.disc.n_layers).to(device)
         disc_engine = ds.initialize(disc, _adam(disc.parameters(), cfg.disc.lr, cfg.optim.betas, 0.0, device), ds_cfg)
         engines["disc"] = disc_engine
+        n_params += sum(p.numel() for p in disc.parameters())
+    ckpt.check_output(n_params, device)
 
     # -- resume ------------------------------------------------------------------------
-    ckpt = CheckpointManager(run_dir / "checkpoints", keep_last=t.keep_last)
-    start_step = 0
+    start_step, wandb_id = 0, None
     if t.resume:
         folder = find_resume(ckpt.root) if t.resume == "auto" else Path(t.resume)
         if folder is not None:
             state = ckpt.load(folder, engines)
-            start_step = state["step"]
+            start_step, wandb_id = state["step"], state.get("wandb_id")
             log.info("resumed from %s at step %d", folder, start_step)
         else:
             log.info("resume=auto: no complete checkpoint in %s, starting fresh", ckpt.root)
-    metrics = MetricsLogger(run_dir, rank, total_steps, start_step)
+    wandb_cfg = None
+    if t.wandb:
+        wandb_cfg = {"project": t.wandb_project, "dir": str(run_dir), "config": to_dict(cfg), "name": run_dir.name,
+                     "id": wandb_id}
+    metrics = MetricsLogger(run_dir, rank, total_steps, start_step, wandb_cfg=wandb_cfg)
     metrics.truncate_after(start_step)
 
     # -- loop --------------------------------------------------------------------------
     summary = _loop(cfg, engine, disc_engine, criterion, loader, device, steps_per_epoch,
                     start_step, total_steps, metrics, ckpt, engines)
-    metrics.close()
+    stopped = summary.pop("stopped") if summary["steps"] < total_steps else None
+    metrics.close(preempted=bool(stopped))
+    if stopped:
+        pdist.barrier()
+        raise Interrupted(stopped, summary["steps"], total_steps, find_resume(ckpt.root))
     artifact = run_dir / "tokenizer.safetensors"
     if rank == 0:
         save_tokenizer(engine.module, artifact, extra={"step": total_steps, "config": to_dict(cfg),
@@ -134,7 +147,10 @@ def _loop(cfg, engine, disc_engine, criterion, loader, device, steps_per_epoch,
     skipped_total = 0.0
     window = Window()
     o = cfg.optim
-    for step, epoch, micro_batches in optimizer_steps(loader, start_step, total_steps, steps_per_epoch, t.grad_accum):
+    stopping = None
+    stop = preempt.current()
+    for step, epoch, micro_batches in optimizer_steps(loader, start_step, total_steps, steps_per_epoch,
+                                                      t.grad_accum):
         lr = lr_at(step, o.lr, warmup=o.warmup_steps, total=total_steps, schedule=o.schedule,
                    floor=o.lr * o.min_lr_ratio)
         for group in engine.optimizer.param_groups:
@@ -148,11 +164,11 @@ def _loop(cfg, engine, disc_engine, criterion, loader, device, steps_per_epoch,
             for k, v in parts.items():
                 acc[k] = acc.get(k, 0.0) + v / t.grad_accum
         acc_f = {k: float(v) for k, v in acc.items()}  # one host sync per step, not per micro-batch
-        stop_if_nonfinite(acc_f["loss"], step + 1, ckpt.root, device)
+        stopping = stop.check(acc_f["loss"], step + 1, ckpt.root, device)
         step += 1
         window.add(acc_f, t.batch_size * t.grad_accum * world)
         metrics.advance()
-        if step % t.log_every == 0 or step == total_steps:
+        if step % t.log_every == 0 or step == total_steps or stopping:
             # losses: means over the steps since the last row and over ranks
             means = window.means(device, {"skipped_images": skipped_total})
             means["codebook_usage"] = acc_f["codebook_usage"]  # already a windowed statistic
@@ -165,10 +181,12 @@ def _loop(cfg, engine, disc_engine, criterion, loader, device, steps_per_epoch,
                                    f"was not all-reduced or broadcast")
             metrics.log(last)
             window.reset()
-        if step % t.ckpt_every == 0 or step == total_steps:
+        if step % t.ckpt_every == 0 or step == total_steps or stopping:
             stop_if_weights_nonfinite(engine.module, step, ckpt.root, device)
-            ckpt.save(engines, step, {"config": to_dict(cfg)})
-    return {"final": last, "steps": step}
+            ckpt.save(engines, step, {"config": to_dict(cfg), "wandb_id": metrics.wandb_id})
+        if stopping:
+            break
+    return {"final": last, "steps": step, "stopped": stopping}
 
 
 def _micro_step(cfg, engine, disc_engine, criterion, x: torch.Tensor, device) -> dict[str, torch.Tensor]:

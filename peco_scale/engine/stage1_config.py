@@ -70,6 +70,8 @@ class TrainConfig:
     precision: str = field("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32")
     zero_stage: int = field(-1, "override the DeepSpeed config's ZeRO stage (0-2; -1 = keep)")
     deepspeed_config: str = field("ds_configs/tokenizer_zero2.json", "DeepSpeed JSON (batch fields are filled from this config)")
+    wandb: bool = field(False, "log to Weights & Biases on rank 0 (offline without WANDB_API_KEY)")
+    wandb_project: str = field("peco-scale", "wandb project")
 
 
 @dataclass

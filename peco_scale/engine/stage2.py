@@ -21,11 +21,11 @@ from ..models.mim import MIMTask
 from ..models.vit import MaskedViT, VIT_PRESETS, param_groups
 from ..plan import mim_train_flops
 from . import dist as pdist
-from . import ds
-from .checkpoint import CheckpointManager, find_resume
-from .common import (Window, lr_at, optimizer_steps, peak_memory_gb, step_schedule, stop_if_nonfinite,
-                     stop_if_weights_nonfinite)
+from . import ds, preempt
+from .checkpoint import CheckpointManager, check_writable, find_resume
+from .common import Window, lr_at, optimizer_steps, peak_memory_gb, step_schedule, stop_if_weights_nonfinite
 from .logger import MetricsLogger, log
+from .preempt import Interrupted
 from .stage2_config import Resolved, Stage2Config, resolve_stage2
 
 
@@ -95,6 +95,7 @@ def pretrain(cfg: Stage2Config, ds_dict: dict[str, Any]) -> dict[str, Any]:
         resume_from = find_resume(ckpt.root) if t.resume == "auto" else Path(t.resume)
         if resume_from is not None:
             _check_resume_compatible(resume_from, token_id, r.world_size)
+    check_writable(ckpt.root)
     rank, world, device = pdist.init_distributed()
     if world != r.world_size:
         r = resolve_stage2(cfg, world)
@@ -117,6 +118,7 @@ def pretrain(cfg: Stage2Config, ds_dict: dict[str, Any]) -> dict[str, Any]:
     ds_cfg = ds.finalize_ds_config(ds_dict, micro_batch=r.batch_size, grad_accum=r.grad_accum, world_size=world,
                                    grad_clip=o.grad_clip, zero_stage=zero, bf16=bf16)
     n_params = sum(p.numel() for p in task.parameters())
+    ckpt.check_output(n_params, device)
     log.info("%s at %d px: %.1fM trainable params, grid %dx%d, %d masked, head %d-way; tokenizer %s (%d px view); "
              "ZeRO %d, %s, lr %.3g (%.3g at batch %d)", r.model_name, r.img_size, n_params / 1e6, *r.grid,
              r.num_masked, r.vocab, cfg.tokenizer.path, r.tokenizer_img_size,
@@ -149,7 +151,10 @@ def pretrain(cfg: Stage2Config, ds_dict: dict[str, Any]) -> dict[str, Any]:
     engine.train()
     step, last, skipped = start_step, {}, 0
     window = Window()
-    for step, epoch, micro_batches in optimizer_steps(loader, start_step, total_steps, steps_per_epoch, r.grad_accum):
+    stopping = None
+    stop = preempt.current()
+    for step, epoch, micro_batches in optimizer_steps(loader, start_step, total_steps, steps_per_epoch,
+                                                      r.grad_accum):
         lr = lr_at(step, base_lr, warmup=warmup, total=total_steps, floor=min(o.min_lr, base_lr))
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
@@ -164,11 +169,11 @@ def pretrain(cfg: Stage2Config, ds_dict: dict[str, Any]) -> dict[str, Any]:
             for k in acc:  # device tensors: no host sync inside the accumulation loop
                 acc[k] = acc[k] + out[k].detach() / r.grad_accum
         acc_f = {k: float(v) for k, v in acc.items()}
-        stop_if_nonfinite(acc_f["loss"], step + 1, ckpt.root, device)
+        stopping = stop.check(acc_f["loss"], step + 1, ckpt.root, device)
         step += 1
         window.add(acc_f, r.global_batch)
         metrics.advance()
-        if step % t.log_every == 0 or step == total_steps:
+        if step % t.log_every == 0 or step == total_steps or stopping:
             means = window.means(device, {"skipped_images": skipped})
             ips = window.images / window.elapsed()
             last = {"step": step, "epoch": epoch, **means, "lr": lr, "grad_norm": engine.get_global_grad_norm(),
@@ -176,11 +181,15 @@ def pretrain(cfg: Stage2Config, ds_dict: dict[str, Any]) -> dict[str, Any]:
                     "mem_gb": peak_memory_gb(device)}
             metrics.log(last)
             window.reset()
-        if step % t.ckpt_every == 0 or step == total_steps:
+        if step % t.ckpt_every == 0 or step == total_steps or stopping:
             stop_if_weights_nonfinite(engine.module, step, ckpt.root, device)
             ckpt.save(engines, step, {**state, "wandb_id": metrics.wandb_id})
-    metrics.close()
+        if stopping:
+            break
+    metrics.close(preempted=bool(stopping) and step < total_steps)
     pdist.barrier()
+    if stopping and step < total_steps:
+        raise Interrupted(stopping, step, total_steps, find_resume(ckpt.root))
     return {"final": last, "steps": step, "run_dir": str(run_dir), "metrics": str(run_dir / "metrics.jsonl"),
             "checkpoint": str(find_resume(ckpt.root))}
 

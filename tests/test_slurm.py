@@ -1,0 +1,223 @@
+"""The launch/slurm/ scripts against a real one-node SLURM cluster that this module starts and stops.
+
+- An array job of three tiny tokenizer trainings at different lambda, collected into one table.
+- A 2-rank ZeRO-3 pre-training job (srun, one task per rank) that receives SLURM's warning signal
+  mid-run: it checkpoints on every rank, requeues itself, resumes, and ends with the same step
+  count, losses and weights as the same job run without interruption.
+- A job killed (SIGKILL, as by a node failure) in the middle of writing a checkpoint: resubmitted,
+  it resumes from the previous complete checkpoint and again ends with the uninterrupted weights.
+
+Without root or the slurm-wlm/munge packages the cluster cannot start and the tests say so; CI
+sets PECO_REQUIRE_SLURM=1 so that they fail there instead of skipping.
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, pretrain_args, read_metrics, tiny_args
+from slurm_cluster import Cluster, unavailable_reason
+
+pytestmark = pytest.mark.slow
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    reason = unavailable_reason()
+    if reason:
+        if os.environ.get("PECO_REQUIRE_SLURM"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    cluster = Cluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+def _job_env(**extra) -> dict[str, str]:
+    return {"PYTHON": sys.executable, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else f"({path} missing)"
+
+
+def _pretrain_job(slurm: Cluster, out: Path, logs: Path, data, tokenizer, **over) -> int:
+    args = pretrain_args(data, tokenizer, out, max_steps=STEPS, **{"train.ckpt_every": 1000, **over})
+    logs.mkdir(parents=True, exist_ok=True)  # sbatch does not create the folder of --output
+    return slurm.sbatch(["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", f"--chdir={ROOT}",
+                         f"--output={logs}/job.out", str(ROOT / "launch/slurm/pretrain.sbatch"), *args],
+                        env=_job_env(LOG_DIR=str(logs)), cwd=ROOT)
+
+
+def _assert_completed(slurm: Cluster, job: int, logs: Path, timeout: float = 600) -> dict:
+    states = slurm.wait(job, timeout)
+    fields = states[str(job)]
+    context = (f"{fields}\n--- job.out\n{_read(logs / 'job.out')}\n--- rank0\n{_read(logs / 'rank0.log')[-4000:]}"
+               f"\n--- rank1\n{_read(logs / 'rank1.log')[-2000:]}")
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", context
+    return fields
+
+
+def _weights(run: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    from peco_scale.export import export_checkpoint
+
+    return load_file(export_checkpoint(run, tmp / f"{run.name}.safetensors")["backbone"])
+
+
+def _same_run(a: Path, b: Path, tmp: Path) -> None:
+    """Same step count, per-step losses and final weights (tolerances of the resume test)."""
+    ra, rb = read_metrics(a), read_metrics(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == list(range(1, STEPS + 1))
+    for x, y in zip(ra, rb):
+        for key in ("loss", "mlm_acc", "grad_norm", "lr"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (x["step"], key)
+    wa, wb = _weights(a, tmp), _weights(b, tmp)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference_run(slurm, demo_data, tiny_tokenizer, tmp_path_factory) -> Path:
+    """The pre-training job run through without interruption."""
+    root = tmp_path_factory.mktemp("reference")
+    job = _pretrain_job(slurm, root / "run", root / "logs", demo_data, tiny_tokenizer)
+    _assert_completed(slurm, job, root / "logs")
+    return root / "run"
+
+
+def test_lambda_sweep_array_job_and_collect(slurm, demo_data, tmp_path):
+    sweep, lambdas = tmp_path / "sweep", ["0", "1", "3"]
+    args = tiny_args(demo_data, tmp_path / "ignored", **{"train.max_steps": 4, "train.ckpt_every": 1000})
+    job = slurm.sbatch(["--array=0-2", "--cpus-per-task=1", f"--chdir={ROOT}", f"--output={tmp_path}/task_%a.out",
+                        str(ROOT / "launch/slurm/sweep_tokenizer.sbatch"), *args],
+                       env=_job_env(LAMBDAS=" ".join(lambdas), SWEEP_DIR=str(sweep)), cwd=ROOT)
+    states = slurm.wait(job, 600)
+    outs = [_read(tmp_path / f"task_{i}.out") for i in range(3)]
+    assert sorted(states) == [f"{job}_{i}" for i in range(3)], states
+    for i, lam in enumerate(lambdas):
+        assert states[f"{job}_{i}"]["JobState"] == "COMPLETED", outs[i][-4000:]
+        run = sweep / f"lambda_{lam}"
+        config = json.loads((run / "config.json").read_text())
+        assert config["loss"]["perceptual_weight"] == float(lam)
+        assert (run / "tokenizer.safetensors").is_file()
+        # the task's summary line, printed by the collector from the run's summary.json
+        line = [ln for ln in outs[i].splitlines() if ln.startswith(f"lambda_{lam}: ")]
+        assert len(line) == 1 and "status done" in line[0] and "steps 4" in line[0], outs[i][-3000:]
+
+    from peco_scale.collect import main as collect
+
+    assert collect([str(sweep)]) == 0
+    table = (sweep / "summary.md").read_text().splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in table[2:]]
+    assert [r["run"] for r in rows] == [f"lambda_{lam}" for lam in lambdas]
+    # the only config value that differs between the tasks is the swept one
+    assert [c for c in header if "." in c] == ["loss.perceptual_weight"]
+    for r, lam in zip(rows, lambdas):
+        assert float(r["loss.perceptual_weight"]) == float(lam) and r["status"] == "done" and r["steps"] == "4"
+        last = read_metrics(sweep / f"lambda_{lam}")[-1]  # computed another way: the metrics file
+        assert last["step"] == 4
+        assert float(r["loss"]) == pytest.approx(last["loss"], rel=1e-3)
+        assert float(r["rec_loss"]) == pytest.approx(last["rec_loss"], rel=1e-3)
+
+
+def test_array_task_without_a_value_is_one_line(slurm, tmp_path):
+    job = slurm.sbatch(["--array=3", f"--chdir={ROOT}", f"--output={tmp_path}/task_%a.out",
+                        str(ROOT / "launch/slurm/sweep_tokenizer.sbatch")],
+                       env=_job_env(LAMBDAS="0 1 3", SWEEP_DIR=str(tmp_path / "s")), cwd=ROOT)
+    states = slurm.wait(job, 120)
+    assert states[f"{job}_3"]["JobState"] == "FAILED"
+    out = _read(tmp_path / "task_3.out")
+    assert "error: array task 3 has no lambda: LAMBDAS has 3 values (0 1 3); submit with --array=0-2" in out, out
+
+
+def _wait_for_step(run: Path, job: int, slurm: Cluster, at_least: int, timeout: float = 300) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = read_metrics(run) if (run / "metrics.jsonl").exists() else []
+        if rows and rows[-1]["step"] >= at_least:
+            return rows[-1]["step"]
+        state = slurm.job_states(job).get(str(job), {}).get("JobState")
+        assert state in ("PENDING", "RUNNING", "CONFIGURING", None), state
+        time.sleep(0.2)
+    raise TimeoutError(f"{run} did not reach step {at_least}")
+
+
+def test_requeue_signal_checkpoints_requeues_and_resumes(slurm, reference_run, demo_data, tiny_tokenizer, tmp_path):
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    job = _pretrain_job(slurm, run, logs, demo_data, tiny_tokenizer)
+    seen = _wait_for_step(run, job, slurm, at_least=3)
+    assert seen < STEPS - 10, "the run got too far before the signal; the test needs a mid-run stop"
+    slurm.signal(job, "USR1")  # what --signal=USR1@300 sends ahead of the time limit
+    fields = _assert_completed(slurm, job, logs)
+    assert fields["Restarts"] == "1", fields
+
+    rank0 = _read(logs / "rank0.log")
+    stopped = [ln for ln in rank0.splitlines() if ln.startswith("interrupted: stopped by SIGUSR1 after step")]
+    assert len(stopped) == 1, rank0[-4000:]
+    k = int(stopped[0].split("after step ")[1].split()[0])
+    assert seen <= k < STEPS
+    assert f"resumed from {run / 'checkpoints' / f'step_{k:08d}'} at step {k}" in rank0
+    assert "requeueing job" in _read(logs / "job.out")
+    _same_run(reference_run, run, tmp_path)
+
+
+def _rank_pids(run: Path) -> list[int]:
+    pids = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(c.endswith(b"launch/pretrain.py") for c in cmd) and str(run).encode() in cmd and b"bash" not in cmd[0]:
+            pids.append(int(p.name))
+    return pids
+
+
+def test_save_killed_midway_resumes_from_previous_checkpoint(slurm, reference_run, demo_data, tiny_tokenizer,
+                                                             tmp_path):
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    ckpts = run / "checkpoints"
+    job = _pretrain_job(slurm, run, logs, demo_data, tiny_tokenizer, **{"train.ckpt_every": 1})
+    _wait_for_step(run, job, slurm, at_least=2)
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and time.monotonic() < deadline:
+        partial = [p for p in ckpts.glob("step_*") if not (p / "COMPLETE").exists()]
+        if partial and any((p / "COMPLETE").exists() for p in ckpts.glob("step_*")):
+            pids = _rank_pids(run)
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)  # freeze both ranks mid-save ...
+            if not (partial[0] / "COMPLETE").exists():
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)  # ... and kill them there, as a node failure would
+                killed = partial[0]
+            else:
+                for pid in pids:
+                    os.kill(pid, signal.SIGCONT)  # the save finished first: try the next one
+        time.sleep(0.001)
+    assert killed is not None, "never caught a save in progress"
+    slurm.wait(job, 120)
+    assert not (killed / "COMPLETE").exists()
+    from peco_scale.engine.checkpoint import find_resume
+
+    previous = find_resume(ckpts)
+    assert previous is not None and previous.name < killed.name
+
+    logs2 = tmp_path / "logs2"
+    job2 = _pretrain_job(slurm, run, logs2, demo_data, tiny_tokenizer, **{"train.ckpt_every": 1})
+    _assert_completed(slurm, job2, logs2)
+    step = int(previous.name.split("_")[1])
+    assert f"resumed from {previous} at step {step}" in _read(logs2 / "rank0.log")
+    _same_run(reference_run, run, tmp_path)

@@ -183,3 +183,32 @@ def test_disk_full_at_save_keeps_previous_checkpoint_and_resume_finishes(referen
     finally:
         _umount(ckpts)
     _assert_same_tokenizer(reference, out)
+
+
+def test_stop_flag_handlers_in_process():
+    """The flag is set by the signal, a second SIGINT interrupts at once, and the previous
+    handlers come back afterwards; check() reports the signal (world of one, no process group)."""
+    from peco_scale.engine import preempt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with preempt.StopFlag() as flag:
+        assert preempt.current() is flag
+        assert flag.check(1.0, 1, "ckpts", torch.device("cpu")) is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.01)
+        assert flag.check(1.0, 2, "ckpts", torch.device("cpu")) == "SIGUSR1"
+        os.kill(os.getpid(), signal.SIGTERM)  # a later, different signal keeps the first name
+        time.sleep(0.01)
+        assert flag.name == "SIGUSR1"
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert preempt.current() is not flag and preempt.current().signum is None
+    with preempt.StopFlag():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    from peco_scale.engine.common import NonFiniteLoss
+
+    with pytest.raises(NonFiniteLoss, match="non-finite loss nan at step 3"):
+        preempt.StopFlag().check(float("nan"), 3, "ckpts", torch.device("cpu"))

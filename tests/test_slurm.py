@@ -221,3 +221,27 @@ def test_save_killed_midway_resumes_from_previous_checkpoint(slurm, reference_ru
     step = int(previous.name.split("_")[1])
     assert f"resumed from {previous} at step {step}" in _read(logs2 / "rank0.log")
     _same_run(reference_run, run, tmp_path)
+
+
+def test_kernel_bench_array_job_and_collect(slurm, tmp_path):
+    sweep, shapes = tmp_path / "kernels", ["224_d32", "448_d32"]
+    job = slurm.sbatch(["--array=0-1", "--cpus-per-task=1", f"--chdir={ROOT}", f"--output={tmp_path}/task_%a.out",
+                        str(ROOT / "launch/slurm/bench_kernels.sbatch"), "--kernel", "vq", "--reps", "1",
+                        "--dtype", "fp32"],
+                       env=_job_env(SHAPES=" ".join(shapes), SWEEP_DIR=str(sweep)), cwd=ROOT)
+    states = slurm.wait(job, 300)
+    for i, shape in enumerate(shapes):
+        assert states[f"{job}_{i}"]["JobState"] == "COMPLETED", _read(tmp_path / f"task_{i}.out")[-3000:]
+    from peco_scale.collect import main as collect
+
+    assert collect([str(sweep)]) == 0
+    table = (sweep / "summary.md").read_text().splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in table[2:]]
+    expected = [json.loads(line) for shape in shapes
+                for line in (sweep / shape / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == len(expected) == 4  # two variants (chunked reference, cdist + argmin) per shape on CPU
+    for row, rec in zip(rows, expected):
+        assert (row["shape"], row["variant"]) == (rec["shape"], rec["variant"])
+        assert float(row["ms"]) == pytest.approx(rec["ms"], rel=1e-3)
+    assert [r["shape"] for r in rows] == ["224_d32", "224_d32", "448_d32", "448_d32"]

@@ -42,16 +42,21 @@ def test_training_learns_on_demo_data(demo_data, tmp_path):
 
 @pytest.mark.slow
 def test_resume_reproduces_losses(demo_data, tmp_path):
+    """Resumed at step 3, while the k-means init is still gathering vectors (it needs 8 batches
+    here: 1024 codes, 32 vectors per batch), and run past the init to step 10."""
     full, part = tmp_path / "full", tmp_path / "part"
-    _ok(run_launch("launch/train_tokenizer.py", tiny_args(demo_data, full)))
+    _ok(run_launch("launch/train_tokenizer.py", tiny_args(demo_data, full, **{"train.max_steps": 10})))
     _ok(run_launch("launch/train_tokenizer.py", tiny_args(demo_data, part, **{"train.max_steps": 3})))
+    assert (part / "checkpoints" / "step_00000003" / "kmeans_pool_rank0.pt").is_file()
     # a save killed midway: a newer folder without COMPLETE must be ignored by resume
     (part / "checkpoints" / "step_00000005").mkdir()
-    res = run_launch("launch/train_tokenizer.py", tiny_args(demo_data, part, **{"train.resume": "auto"}))
+    res = run_launch("launch/train_tokenizer.py", tiny_args(demo_data, part, **{"train.resume": "auto",
+                                                                               "train.max_steps": 10}))
     _ok(res)
     assert "resumed from" in res.stdout and "step_00000003" in res.stdout
     a, b = read_metrics(full), read_metrics(part)
-    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in b] == list(range(1, 11))
+    assert not (full / "checkpoints" / "step_00000009" / "kmeans_pool_rank0.pt").exists()  # initialised by then
     for ra, rb in zip(a, b):
         for key in ("loss", "rec_loss", "percep_loss", "perplexity", "codebook_usage"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), (ra["step"], key)

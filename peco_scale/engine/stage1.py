@@ -97,6 +97,9 @@ def train_tokenizer(cfg: Stage1Config) -> dict[str, Any]:
         folder = find_resume(ckpt.root) if t.resume == "auto" else Path(t.resume)
         if folder is not None:
             state = ckpt.load(folder, engines)
+            pool = ckpt.load_rank_state(folder, "kmeans_pool")
+            if pool is not None:  # saved before the k-means init had gathered enough vectors
+                engine.module.quantizer.load_init_pool(pool)
             start_step, wandb_id = state["step"], state.get("wandb_id")
             log.info("resumed from %s at step %d", folder, start_step)
         else:
@@ -183,7 +186,9 @@ def _loop(cfg, engine, disc_engine, criterion, loader, device, steps_per_epoch,
             window.reset()
         if step % t.ckpt_every == 0 or step == total_steps or stopping:
             stop_if_weights_nonfinite(engine.module, step, ckpt.root, device)
-            ckpt.save(engines, step, {"config": to_dict(cfg), "wandb_id": metrics.wandb_id})
+            pool = engine.module.quantizer.init_pool
+            ckpt.save(engines, step, {"config": to_dict(cfg), "wandb_id": metrics.wandb_id},
+                      rank_state={"kmeans_pool": pool} if pool else None)
         if stopping:
             break
     return {"final": last, "steps": step, "stopped": stopping}

@@ -161,6 +161,17 @@ class EMAVectorQuantizer(nn.Module):
 
     # -- codebook maintenance ------------------------------------------------------------
 
+    @property
+    def init_pool(self) -> list[torch.Tensor]:
+        """Vectors gathered so far for the k-means init (identical on every rank; empty once the
+        codebook is initialised). Not a buffer: its size varies. Checkpoints written before the
+        init save it beside the model (``engine/stage1``), so a resume there repeats the
+        uninterrupted run exactly."""
+        return self._init_pool
+
+    def load_init_pool(self, pool: list[torch.Tensor]) -> None:
+        self._init_pool = [p.to("cpu") for p in pool]
+
     def _collect_for_init(self, flat: torch.Tensor) -> None:
         """Pool vectors from all ranks until K are seen, then k-means on rank 0 and broadcast."""
         rank, world = _world()

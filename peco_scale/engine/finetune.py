@@ -129,7 +129,7 @@ def finetune(cfg: FinetuneConfig, ds_dict: dict[str, Any]) -> dict[str, Any]:
         resume_from = find_resume(ckpt.root) if t.resume == "auto" else Path(t.resume)
         if resume_from is not None:
             _check_resume_compatible(resume_from, "", r.world_size)
-    check_writable(ckpt.root)
+    check_writable(Path(t.output_dir))
     rank, world, device = pdist.init_distributed()
     if world != r.world_size:
         r = resolve_finetune(cfg, world)

@@ -23,7 +23,7 @@ from ..models.perceptual import PerceptualLoss
 from ..models.tokenizer import VQTokenizer
 from . import dist as pdist
 from . import ds, preempt
-from .checkpoint import CheckpointManager, check_writable, find_resume
+from .checkpoint import CheckpointManager, find_resume
 from .common import Window, autocast, lr_at, optimizer_steps, stop_if_weights_nonfinite
 from .logger import MetricsLogger, log
 from .preempt import Interrupted
@@ -52,7 +52,6 @@ def train_tokenizer(cfg: Stage1Config) -> dict[str, Any]:
     loader = _build_loader(cfg)
     t = cfg.train
     ckpt = CheckpointManager(Path(t.output_dir) / "checkpoints", keep_last=t.keep_last)
-    check_writable(ckpt.root)
     rank, world, device = pdist.init_distributed()
     torch.manual_seed(t.seed + rank)
     run_dir = Path(t.output_dir)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -10,6 +9,7 @@ from typing import Any, Mapping
 from ..config import ConfigError, apply_overrides, field, load_file, parse_cli, section
 from ..models.quantizer import QuantizerConfig
 from ..models.tokenizer import TOKENIZER_PRESETS, TokenizerModelConfig
+from .checkpoint import check_writable
 
 
 @dataclass
@@ -156,16 +156,8 @@ def validate_stage1(cfg: Stage1Config) -> None:
     if not d.path:
         raise ConfigError("no data folder given; pass --data DIR (an ImageFolder tree), e.g. the demo data from "
                           "`python -m peco_scale.data demo --out DIR`")
-    _check_output_dir(Path(t.output_dir))
+    check_writable(Path(t.output_dir))
     _check_perceptual(cfg.perceptual, cfg.loss.perceptual_weight)
-
-
-def _check_output_dir(path: Path) -> None:
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise ConfigError(f"train.output_dir='{path}' is not writable (checked {probe}); choose a folder you can write to")
 
 
 def _check_perceptual(p: PerceptualConfig, weight: float) -> None:

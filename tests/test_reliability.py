@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, read_metrics, tiny_args
 
-STEPS = 200
+STEPS = 100
 
 
 def _start(args: list[str]) -> subprocess.Popen:

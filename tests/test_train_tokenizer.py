@@ -160,3 +160,25 @@ def test_non_finite_loss_stops_with_step(demo_data, tmp_path):
     assert res.returncode == 3, res.stderr[-2000:]
     assert "non-finite loss nan at step 1" in res.stderr
     assert not (out / "checkpoints" / "latest").exists()
+
+
+def test_wandb_run_id_survives_a_resume(demo_data, tmp_path, monkeypatch):
+    """Stage 1 logs to wandb (offline without a key) on rank 0, keeps the run id in its
+    checkpoints and continues the same run after a resume."""
+    import json
+    import os
+
+    pytest.importorskip("wandb", reason="wandb is an optional extra (installed by `make test` through .[dev])")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    monkeypatch.setattr(os, "environ", {**env, "WANDB_SILENT": "true"})
+    out = tmp_path / "run"
+    _ok(run_launch("launch/train_tokenizer.py", tiny_args(demo_data, out, **{"train.max_steps": 3,
+                                                                             "train.wandb": "true"})))
+    first = json.loads((out / "checkpoints" / "step_00000003" / "state.json").read_text())["wandb_id"]
+    res = run_launch("launch/train_tokenizer.py", tiny_args(demo_data, out, **{"train.resume": "auto",
+                                                                              "train.wandb": "true"}))
+    _ok(res)
+    assert "wandb: offline mode" in res.stdout
+    again = json.loads((out / "checkpoints" / "step_00000006" / "state.json").read_text())["wandb_id"]
+    assert first and again == first
+    assert len(list((out / "wandb").glob(f"offline-run-*-{first}"))) == 2  # one per start, one run id

@@ -133,7 +133,9 @@ class CheckpointManager:
         self.expected_bytes = folder_bytes(latest) if latest is not None else BYTES_PER_PARAM * n_params
         short = self._short_of_space()
         if short:
-            raise ConfigError(f"{short}; free space there or choose another --train.output_dir")
+            err = ConfigError(f"{short}; free space there or choose another --train.output_dir")
+            err.all_ranks = True  # agreed: printed once
+            raise err
 
     def _short_of_space(self) -> str:
         """'' when every rank's checkpoint folder has room for the expected checkpoint, else the
@@ -157,8 +159,10 @@ class CheckpointManager:
         keeping = f"the newest complete checkpoint {kept} is kept" if kept else "no earlier checkpoint exists"
         short = self._short_of_space() if self.expected_bytes else ""
         if short:
-            raise CheckpointError(f"checkpoint at step {step} not written: {short}; {keeping}; free space, then "
+            err = CheckpointError(f"checkpoint at step {step} not written: {short}; {keeping}; free space, then "
                                   f"rerun with --resume auto")
+            err.all_ranks = True  # agreed: printed once
+            raise err
         try:
             if rank == 0 and folder.exists():
                 shutil.rmtree(folder)  # a leftover of a killed save at this same step

@@ -17,6 +17,8 @@ from . import dist as pdist
 class NonFiniteLoss(RuntimeError):
     """The loss went NaN/inf on some rank; all ranks raise it together."""
 
+    all_ranks = True  # agreed in a collective: the entry point prints it once
+
 
 def lr_at(step: int, base: float, *, warmup: int, total: int, schedule: str = "cosine", floor: float = 0.0) -> float:
     """Linear warm-up over ``warmup`` steps to ``base``, then constant or cosine down to ``floor``."""

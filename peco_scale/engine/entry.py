@@ -40,13 +40,13 @@ def run_entry(argv: list[str], doc: str, cls: type, aliases: dict[str, str],
         with StopFlag():  # from here on SIGTERM/SIGINT/SIGUSR1 mean: checkpoint at the next step, exit 75
             summary = run(argv)
     except (ConfigError, DataError, *user_errors) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _print_error(exc, rank)
         return 2
     except NonFiniteLoss as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _print_error(exc, rank)
         return 3
     except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _print_error(exc, rank)
         return 4
     except Interrupted as exc:
         if world_size() > 1:  # every rank agreed to stop here: leave together
@@ -60,6 +60,13 @@ def run_entry(argv: list[str], doc: str, cls: type, aliases: dict[str, str],
         write_summary(summary)
         report(summary)
     return 0
+
+
+def _print_error(exc: BaseException, rank: int) -> None:
+    """One ``error:`` line. An error every rank raised together (``all_ranks``: agreed in a
+    collective) is printed by rank 0 alone; any other by each rank that raised it."""
+    if rank == 0 or not getattr(exc, "all_ranks", False):
+        print(f"error: {exc}", file=sys.stderr)
 
 
 def write_summary(summary: dict[str, Any]) -> None:

@@ -36,7 +36,7 @@ class Interrupted(Exception):
     def __init__(self, signame: str, step: int, total_steps: int, checkpoint: object):
         self.signame, self.step, self.total_steps, self.checkpoint = signame, step, total_steps, checkpoint
         super().__init__(f"stopped by {signame} after step {step} of {total_steps}; checkpoint {checkpoint} saved; "
-                         f"rerun with --resume auto to continue (launch/slurm/*.sbatch requeue and do this)")
+                         f"rerun with --resume auto to continue (the launch/slurm/ scripts requeue the job, which does)")
 
 
 def ignore_stop_signals(_worker_id: int | None = None) -> None:

@@ -8,7 +8,7 @@
   it resumes from the previous complete checkpoint and again ends with the uninterrupted weights.
 
 Without root or the slurm-wlm/munge packages the cluster cannot start and the tests say so; CI
-sets PECO_REQUIRE_SLURM=1 so that they fail there instead of skipping.
+sets PECO_CI=1 so that they fail there instead of skipping.
 """
 
 import json
@@ -33,7 +33,7 @@ STEPS = 40
 def slurm(tmp_path_factory):
     reason = unavailable_reason()
     if reason:
-        if os.environ.get("PECO_REQUIRE_SLURM"):
+        if os.environ.get("PECO_CI"):
             pytest.fail(reason)
         pytest.skip(reason)
     cluster = Cluster(tmp_path_factory.mktemp("slurm")).start()

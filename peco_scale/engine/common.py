@@ -112,6 +112,17 @@ class Window:
         return max(time.perf_counter() - self.start, 1e-9)
 
 
+def progress_row(window: Window, device: torch.device, *, step: int, epoch: int, skipped: float, lr: float,
+                 grad_norm, flops_per_image: float) -> dict:
+    """A metrics row for the steps since the last one (means over steps and ranks, images/s,
+    TFLOP/s per rank, peak memory); starts the next window."""
+    means = window.means(device, {"skipped_images": skipped})
+    ips = window.images / window.elapsed()
+    window.reset()
+    return {"step": step, "epoch": epoch, **means, "lr": lr, "grad_norm": grad_norm, "images_per_s": ips,
+            "tflops_per_gpu": flops_per_image * ips / pdist.world_size() / 1e12, "mem_gb": peak_memory_gb(device)}
+
+
 def stop_if_weights_nonfinite(module: torch.nn.Module, step: int, ckpt_root, device: torch.device) -> None:
     """Before a checkpoint is written: every rank checks its own shard of the weights (under
     ZeRO-3 ``ds_tensor``, else the tensor) and all stop if any is NaN/inf, so a poisoned update

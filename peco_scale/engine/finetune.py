@@ -35,8 +35,7 @@ from ..plan import vit_forward_flops
 from . import dist as pdist
 from . import ds, preempt
 from .checkpoint import CheckpointManager, check_writable, find_resume
-from .common import (Window, lr_at, optimizer_steps, peak_memory_gb, step_schedule,
-                     stop_if_weights_nonfinite)
+from .common import Window, lr_at, optimizer_steps, progress_row, step_schedule, stop_if_weights_nonfinite
 from .ema import ShardedEMA
 from .finetune_config import FinetuneConfig, FinetuneResolved, resolve_finetune
 from .logger import MetricsLogger, log
@@ -236,12 +235,9 @@ def finetune(cfg: FinetuneConfig, ds_dict: dict[str, Any]) -> dict[str, Any]:
         window.add(acc_f, r.global_batch)
         metrics.advance()
         if step % t.log_every == 0 or step == total_steps or stopping:
-            means = window.means(device, {"skipped_images": skipped})
-            ips = window.images / window.elapsed()
-            last = {"step": step, "epoch": epoch, **means, "lr": lr, "grad_norm": engine.get_global_grad_norm(),
-                    "images_per_s": ips, "tflops_per_gpu": flops * ips / world / 1e12, "mem_gb": peak_memory_gb(device)}
+            last = progress_row(window, device, step=step, epoch=epoch, skipped=skipped, lr=lr,
+                                grad_norm=engine.get_global_grad_norm(), flops_per_image=flops)
             metrics.log(last)
-            window.reset()
         epoch_done = step % steps_per_epoch == 0
         if (epoch_done and (step // steps_per_epoch) % t.eval_every == 0) or step == total_steps:
             res = evaluate(engine, eval_loader, device, dtype)

@@ -23,7 +23,7 @@ from ..plan import mim_train_flops
 from . import dist as pdist
 from . import ds, preempt
 from .checkpoint import CheckpointManager, check_writable, find_resume
-from .common import Window, lr_at, optimizer_steps, peak_memory_gb, step_schedule, stop_if_weights_nonfinite
+from .common import Window, lr_at, optimizer_steps, progress_row, step_schedule, stop_if_weights_nonfinite
 from .logger import MetricsLogger, log
 from .preempt import Interrupted
 from .stage2_config import Resolved, Stage2Config, resolve_stage2
@@ -174,13 +174,9 @@ def pretrain(cfg: Stage2Config, ds_dict: dict[str, Any]) -> dict[str, Any]:
         window.add(acc_f, r.global_batch)
         metrics.advance()
         if step % t.log_every == 0 or step == total_steps or stopping:
-            means = window.means(device, {"skipped_images": skipped})
-            ips = window.images / window.elapsed()
-            last = {"step": step, "epoch": epoch, **means, "lr": lr, "grad_norm": engine.get_global_grad_norm(),
-                    "images_per_s": ips, "tflops_per_gpu": flops * ips / world / 1e12,
-                    "mem_gb": peak_memory_gb(device)}
+            last = progress_row(window, device, step=step, epoch=epoch, skipped=skipped, lr=lr,
+                                grad_norm=engine.get_global_grad_norm(), flops_per_image=flops)
             metrics.log(last)
-            window.reset()
         if step % t.ckpt_every == 0 or step == total_steps or stopping:
             stop_if_weights_nonfinite(engine.module, step, ckpt.root, device)
             ckpt.save(engines, step, {**state, "wandb_id": metrics.wandb_id})

@@ -11,27 +11,33 @@ forward, backward and full (forward + backward). Nearest-code lookup (K = 8192, 
 256): a micro-batch of token grids at 224 and 448 for the Triton kernel, the chunked torch
 reference and ``torch.cdist(...).argmin`` (which materialises [N, K]).
 
-Each row: median time (``triton.testing.do_bench`` on CUDA), peak memory above the inputs,
-achieved TFLOP/s and its fraction of a bf16 matmul peak measured in the same run; rows are
-appended to --results with GPU name, versions and date. Without CUDA the Triton rows cannot
-run at speed (the interpreter is for correctness), so only the torch variants are timed, at
-reduced shapes, and every row says so.
+Each row: median time (``triton.testing.do_bench`` on CUDA), peak memory above the inputs (the
+CUDA allocator's count; on CPU the same count made by ``LiveBytes``), achieved TFLOP/s, its
+fraction of a bf16 matmul peak measured in the same run, and the time over the floor of
+PECO.md section 6 (``x_floor``); rows are appended to --results with GPU name, versions and
+date. A last table checks the goals of the kernels' issue where the rows allow it. Without CUDA
+the Triton rows cannot run at speed (the interpreter is for correctness), so only the torch
+variants are timed, at reduced shapes, and every row says so.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import platform
 import statistics
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from .reference import masked_linear_cross_entropy_reference, vq_nearest_reference
 
@@ -62,10 +68,56 @@ def _bench(fn: Callable[[], object], cuda: bool, reps: int) -> float:
     return statistics.median(times)
 
 
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of tensor storage allocated inside the block and alive at the same time.
+
+    The device-independent count the CUDA caching allocator's ``memory_allocated`` makes (less
+    its 512-byte rounding and cuBLAS workspaces), so it works on CPU: every op's outputs whose
+    storage is not one of its inputs' (a view, an ``out=`` or in-place result is not) is a new
+    allocation, counted until its storage dies. Storages that existed before the block (the
+    inputs) are never counted. Triton launches allocate nothing through torch, but the
+    interpreter leaves its arguments in a reference cycle, so garbage is collected before a
+    large (>= 1 MiB) allocation is counted: the peak is that of storage still reachable.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        new = {}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                s = t.untyped_storage()
+                key = id(s)  # the storage's Python object lives exactly as long as the storage
+                if key not in self._sizes and s.nbytes() and s.data_ptr() not in inputs:
+                    new[key] = s
+        if any(s.nbytes() >= 2**20 for s in new.values()):
+            gc.collect()
+        for key, s in new.items():
+            self._sizes[key] = s.nbytes()
+            self.live += s.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(s, self._free, key)
+        return out
+
+
 def _peak_mem(fn: Callable[[], object], cuda: bool) -> float:
-    """Peak bytes allocated above what was live before the call (CUDA only)."""
+    """Peak bytes allocated above what was live before the call: the CUDA allocator's count on
+    CUDA, ``LiveBytes`` on CPU."""
     if not cuda:
-        return float("nan")
+        meter = LiveBytes()
+        with meter:
+            fn()
+        return float(meter.peak)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -79,6 +131,32 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     ms = _bench(lambda: a @ b, device.type == "cuda", 5)
     return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def cuda_core_ops_per_s(device: torch.device) -> float | None:
+    """fp32 lane-instructions per second of the CUDA cores (SMs x fp32 lanes x clock), from the
+    device's properties; None on CPU or where torch does not report the clock."""
+    if device.type != "cuda":
+        return None
+    p = torch.cuda.get_device_properties(device)
+    clock_khz = getattr(p, "clock_rate", 0)
+    if not clock_khz:
+        return None
+    lanes = 64 if (p.major, p.minor) in ((7, 0), (7, 5), (8, 0)) else 128  # fp32 lanes per SM
+    return p.multi_processor_count * lanes * clock_khz * 1e3
+
+
+def floor_ms(row: dict, matmul_tflops: float, core_ops: float | None) -> tuple[float, str]:
+    """(the row's floor in ms, what sets it), as in PECO.md section 6: the matmul FLOPs at the
+    matmul peak measured in the same run; for the nearest-code search also its argmin epilogue,
+    ~3 CUDA-core instructions per (row, code), which sets the floor at small D."""
+    flops = row["tflops"] * row["ms"] * 1e-3 * 1e12
+    mm = flops / (matmul_tflops * 1e12) * 1e3
+    if row["kernel"] == "vq_nearest" and core_ops:
+        epi = 3 * row["rows"] * row["codes"] / core_ops * 1e3
+        if epi > mm:
+            return epi, "argmin epilogue"
+    return mm, "matmul"
 
 
 def _ce_variants(device: torch.device) -> dict[str, Callable]:
@@ -163,6 +241,39 @@ def bench_vq(device: torch.device, dtype: torch.dtype, shapes: dict, reps: int, 
     return rows
 
 
+def goal_checks(rows: list[dict]) -> list[tuple[str, float, str, bool]]:
+    """(what, measured, target, met) for the goals the rows can decide: at the ViT-H/14-448
+    shape the Triton linear-CE full pass >= 1.3x faster than eager with <= 25% of its peak
+    memory and no slower than torch.compile or the native op; each nearest-code shape >= 5x
+    faster than cdist + argmin and within 2x of its floor."""
+    by = {(r["kernel"], r["variant"], r["shape"], r.get("phase")): r for r in rows if "error" not in r}
+    out = []
+    tri = by.get(("masked_linear_ce", "triton", "vit_h14_448", "full"))
+    if tri:
+        eager = by.get(("masked_linear_ce", "torch_eager", "vit_h14_448", "full"))
+        if eager:
+            x = eager["ms"] / tri["ms"]
+            out.append(("linear-CE ViT-H/14-448 speed-up over eager", x, ">= 1.3", x >= 1.3))
+            m = tri["peak_mem_mb"] / eager["peak_mem_mb"]
+            out.append(("linear-CE ViT-H/14-448 peak memory / eager's", m, "<= 0.25", m <= 0.25))
+        for other in ("torch_compile", "torch_native"):
+            o = by.get(("masked_linear_ce", other, "vit_h14_448", "full"))
+            if o:
+                x = o["ms"] / tri["ms"]
+                out.append((f"linear-CE ViT-H/14-448 speed-up over {other}", x, ">= 1.0", x >= 1.0))
+    for (kernel, variant, shape, _), r in sorted(by.items()):
+        if kernel != "vq_nearest" or variant != "triton":
+            continue
+        base = by.get(("vq_nearest", "torch_cdist_argmin", shape, "forward"))
+        if base:
+            x = base["ms"] / r["ms"]
+            out.append((f"nearest-code {shape} speed-up over cdist+argmin", x, ">= 5", x >= 5))
+        if r.get("x_floor"):
+            out.append((f"nearest-code {shape} time / floor ({r['floor_basis']})", r["x_floor"], "<= 2",
+                        r["x_floor"] <= 2))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m peco_kernels.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--kernel", choices=("ce", "vq", "all"), default="all")
@@ -185,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     if note:
         print(note)
     peak = matmul_peak_tflops(device, dtype)
+    core_ops = cuda_core_ops_per_s(device)
     ce = {k: (max(1, int(m * scale)), h) for k, (m, h) in CE_SHAPES.items() if args.shape in ("", k)}
     vq = {k: (max(1, int(n * scale)), d) for k, (n, d) in VQ_SHAPES.items() if args.shape in ("", k)}
     rows = []
@@ -194,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_vq(device, dtype, vq, args.reps, note)
     meta = {"date": dt.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if cuda else (platform.processor() or "cpu"),
-            "matmul_peak_tflops": peak}
+            "matmul_peak_tflops": peak, "cuda_core_tops": None if core_ops is None else core_ops / 1e12}
     try:
         import triton
 
@@ -208,16 +320,26 @@ def main(argv: list[str] | None = None) -> int:
             r.update(meta)
             if r.get("tflops"):
                 r["fraction_of_peak"] = r["tflops"] / peak
+                r["floor_ms"], r["floor_basis"] = floor_ms(r, peak, core_ops)
+                r["x_floor"] = r["ms"] / r["floor_ms"]
             f.write(json.dumps(r) + "\n")
     print(f"{meta['device']}, torch {meta['torch']}, bf16/fp32 matmul peak measured {peak:.1f} TFLOP/s")
-    print(f"{'kernel':18} {'variant':20} {'shape':12} {'phase':9} {'ms':>9} {'TFLOP/s':>8} {'peak MB':>9}")
+    print(f"{'kernel':18} {'variant':20} {'shape':12} {'phase':9} {'ms':>9} {'TFLOP/s':>8} {'x floor':>8} "
+          f"{'peak MB':>9}")
     for r in rows:
         if "error" in r:
             print(f"{r['kernel']:18} {r['variant']:20} {r['shape']:12} error: {r['error']}")
             continue
         mem = r.get("peak_mem_mb")
         print(f"{r['kernel']:18} {r['variant']:20} {r['shape']:12} {r['phase']:9} {r['ms']:9.3f} "
-              f"{r['tflops'] or 0:8.2f} {'' if mem is None or mem != mem else f'{mem:9.1f}'}")
+              f"{r['tflops'] or 0:8.2f} {r.get('x_floor') or 0:8.1f} {'' if mem is None or mem != mem else f'{mem:9.1f}'}")
+    goals = goal_checks(rows)
+    if goals:
+        print("goals:")
+        for what, value, target, met in goals:
+            print(f"  {'MET ' if met else 'MISS'} {what}: {value:.2f} (target {target})")
+    elif not cuda:
+        print("goals: not checked (they need the Triton rows, which need CUDA)")
     print(f"rows appended to {out}")
     return 0
 

@@ -17,10 +17,13 @@ and (b) does exactly 6MHV FLOP. Cut Cross-Entropy never stores logits but recomp
 in backward (8MHV, +33%) inside hand-tiled ``tl.dot`` kernels that, untuned, reach less
 of peak than cuBLAS. What (b) pays instead is memory traffic on the [chunk, V] buffer:
 ~4 passes of M*V*2 bytes beyond the GEMMs (kernel read, read + write, db sum) ~ 0.8 GB,
-~0.3 ms at 3 TB/s, and a transient buffer. The buffer is bounded by ``_CHUNK_BYTES`` (256 MiB): at the
-production size in bf16 that is ONE chunk (12,500 x 8192 x 2 B = 205 MB), i.e. three
-cuBLAS calls and one small kernel - the fp32 [M, V] logits (410 MB here, 5 GB at the
-global batch) are never formed, and larger M is simply more chunks.
+~0.3 ms at 3 TB/s, and a transient buffer. The buffer is bounded by ``_CHUNK_BYTES`` (128 MiB), and
+the rows are split into equal chunks under it: at the ViT-H/14-448 shape in bf16 (12,544 rows,
+196 MiB of logits) that is TWO chunks of 6,272 rows (98 MiB each, still large GEMMs), so the fp32
+[M, V] logits (392 MiB here, 5 GB at the global batch) are never formed, and larger M is
+simply more chunks. Peak memory, as the live-bytes meter of ``peco_kernels.bench`` counts it
+at that shape: buffer + dH + the fp32 dW accumulator + one fp32 chunk product ~ 209 MiB in
+forward, where the eager reference holds ~1176 MiB (fp32 logits, log-softmax, its gradient).
 
 Precision (the anchors' known bugs):
 - dW/db are accumulated across chunks in fp32 (bf16 accumulation diverges: Liger #512,
@@ -43,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-_CHUNK_BYTES = 256 * 2**20  # transient [chunk, V] logits/dlogits buffer
+_CHUNK_BYTES = 128 * 2**20  # bound on the transient [chunk, V] logits/dlogits buffer
 _MAX_BLOCK_V = 32768 // 2   # elements of one row held per program iteration (as Liger)
 
 
@@ -133,8 +136,9 @@ def _launch(rows, weight, bias, targets, *, eps, scale, need_dh, need_dw, need_d
     correct = torch.empty(M, dtype=torch.int32, device=dev)
     dh = torch.empty_like(rows) if has_grad and need_dh else None
     dw = db = None
-    if chunk_rows is None:
-        chunk_rows = max(1, _CHUNK_BYTES // (V * rows.element_size()))
+    if chunk_rows is None:  # equal chunks under _CHUNK_BYTES (no small tail GEMM)
+        chunks = max(1, -(-M * V * rows.element_size() // _CHUNK_BYTES))
+        chunk_rows = -(-M // chunks)
     chunk_rows = max(1, min(chunk_rows, M))
     buf = torch.empty(chunk_rows, V, dtype=dtype, device=dev) if M else None
     block_v = min(_MAX_BLOCK_V, triton.next_power_of_2(V))

@@ -298,3 +298,36 @@ def test_many_chunks_accumulate_in_fp32():
     r_loss, r_acc, r_gh, r_gw, r_gb = _reference(hidden, weight, bias, targets, None, "sum", 0.0)
     for name, a, e in (("loss", loss, r_loss), ("hidden", gh, r_gh), ("weight", gw, r_gw), ("bias", gb, r_gb)):
         _assert_close(name, a.cpu(), e, B16)
+
+
+def test_peak_memory_stays_under_the_chunk_bound():
+    """Forward + backward never holds the [M, V] fp32 logits: measured by the bench's live-bytes
+    meter, the peak stays within buffer + dH + the fp32 dW accumulator + one chunk product (on CPU
+    that product exists in bf16 and fp32) + the backward's scaled copies, while the eager reference
+    measured the same way holds its fp32 logits, log-softmax and their gradient at once."""
+    from peco_kernels.bench import LiveBytes
+
+    M, H, V = 1024, 64, 8192
+    g = torch.Generator().manual_seed(11)
+    hidden = (torch.randn(M, H, generator=g) * 0.5).to(B16).to(DEVICE)
+    weight = (torch.randn(V, H, generator=g) * 0.02).to(B16).to(DEVICE)
+    bias = torch.zeros(V, dtype=B16, device=DEVICE)
+    targets = torch.randint(0, V, (M,), generator=g).to(DEVICE)
+
+    def peak(fn):
+        h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+        meter = LiveBytes()
+        with meter:
+            fn(h, w, b).backward()
+        return meter.peak
+
+    eager = peak(lambda h, w, b: peco_kernels.masked_linear_cross_entropy_reference(h, w, b, targets)[0])
+    logits32 = M * V * 4
+    assert eager >= 3 * logits32, f"the meter missed the reference's fp32 buffers: {eager} bytes"
+    grads = M * H * 2 + V * H * 2 + V * 2  # what stays: the three gradients, bf16
+    for chunk_rows in (None, 256):
+        rows = M if chunk_rows is None else chunk_rows  # 16 MiB of bf16 logits: one chunk by default
+        got = peak(lambda h, w, b: masked_linear_cross_entropy_triton(h, w, b, targets, None, chunk_rows=chunk_rows)[0])
+        bound = rows * V * 2 + M * H * 2 + V * H * (4 + 2 + 4) + grads + 2**20
+        assert got <= bound, f"chunk_rows={chunk_rows}: peak {got} > bound {bound} bytes"
+        assert got < logits32 and got <= 0.25 * eager, (got, eager)

@@ -110,6 +110,13 @@ def masked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias
         raise KernelInputError(f"weight {tuple(weight.shape)} must be [V, H] with H = {hidden.shape[-1]}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise KernelInputError(f"bias {tuple(bias.shape)} must be [V] = [{weight.shape[0]}]")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != hidden.dtype:
+            raise KernelInputError(f"{name} is {t.dtype} but hidden is {hidden.dtype}; cast them to one dtype "
+                                   f"(or run the head under autocast, which casts both)")
+    for name, t in (("weight", weight), ("bias", bias), ("targets", targets), ("mask", mask)):
+        if t is not None and t.device != hidden.device:
+            raise KernelInputError(f"{name} is on {t.device} but hidden on {hidden.device}; move them to one device")
     if reduction not in ("mean", "sum", "none"):
         raise KernelInputError(f"reduction='{reduction}' must be mean, sum or none")
     if not 0.0 <= label_smoothing < 1.0:

@@ -267,10 +267,24 @@ def test_public_api_matches_torch_backend(dtype):
         _assert_close("loss" if name == "accuracy" else name, a.cpu(), e.cpu().double(), dtype)
 
 
-@pytest.mark.parametrize("bad", ["float_targets", "target_ge_V", "mask_shape", "H_mismatch"])
+@pytest.mark.parametrize("bad", ["float_targets", "target_ge_V", "target_negative", "mask_shape", "mask_int",
+                                 "H_mismatch", "int_hidden", "weight_dtype", "bias_dtype", "bias_shape"])
 def test_bad_input_raises(bad):
     hidden, weight, b, targets, m = _make((2, 5), 64, 100, F32)
-    if bad == "float_targets":
+    if bad == "target_negative":
+        targets = targets.clone()
+        targets[m] = -1
+    elif bad == "mask_int":
+        m = m.long()
+    elif bad == "int_hidden":
+        hidden = hidden.long()
+    elif bad == "weight_dtype":
+        weight = weight.to(B16)
+    elif bad == "bias_dtype":
+        b = b.to(B16)
+    elif bad == "bias_shape":
+        b = b[:50]
+    elif bad == "float_targets":
         targets = targets.float()
     elif bad == "target_ge_V":
         targets = targets.clone()
@@ -279,8 +293,42 @@ def test_bad_input_raises(bad):
         m = m.reshape(-1)
     else:
         weight = weight[:, :32]
-    with pytest.raises(peco_kernels.KernelInputError):
-        peco_kernels.masked_linear_cross_entropy(hidden, weight, b, targets, m, backend="triton")
+    for backend in ("triton", "torch"):
+        with pytest.raises(peco_kernels.KernelInputError) as err:
+            peco_kernels.masked_linear_cross_entropy(hidden, weight, b, targets, m, backend=backend)
+        assert "\n" not in str(err.value) and len(str(err.value)) < 200
+
+
+@pytest.mark.parametrize("dtype", [F32, B16])
+def test_strided_and_misaligned_inputs_give_the_same_result(dtype):
+    """Non-contiguous hidden and weight, and targets/mask/bias starting off a 16-byte boundary
+    (an int64 slice at offset 1): the same loss and gradients as contiguous copies."""
+    hidden, weight, b, targets, m = _make((3, 40), 64, 300, dtype, seed=9)
+    big_t = torch.zeros(targets.numel() + 1, dtype=torch.long, device=DEVICE)
+    big_t[1:] = targets.reshape(-1)
+    odd_targets = big_t[1:].view(3, 40)
+    assert odd_targets.data_ptr() % 16 == 8
+    big_m = torch.zeros(m.numel() + 3, dtype=torch.bool, device=DEVICE)
+    big_m[3:] = m.reshape(-1)
+    odd_mask = big_m[3:].view(3, 40)
+    big_b = torch.zeros(b.numel() + 1, dtype=dtype, device=DEVICE)
+    big_b[1:] = b
+    results = []
+    for strided in (False, True):
+        if strided:  # the same values laid out transposed in memory
+            h = hidden.transpose(0, 1).contiguous().transpose(0, 1).detach().requires_grad_()
+            w = weight.t().contiguous().t().detach().requires_grad_()
+            bb = big_b[1:].detach().requires_grad_()
+            tg, mk = odd_targets, odd_mask
+            assert not h.is_contiguous() and not w.is_contiguous()
+        else:
+            h, w, bb = (t.clone().requires_grad_() for t in (hidden, weight, b))
+            tg, mk = targets, m
+        loss, acc = peco_kernels.masked_linear_cross_entropy(h, w, bb, tg, mk, backend="triton", return_accuracy=True)
+        loss.backward()
+        results.append((loss.detach(), acc, h.grad, w.grad, bb.grad))
+    for name, a, e in zip(("loss", "loss", "hidden", "weight", "bias"), *results):
+        _assert_close(name, a.cpu(), e.cpu().double(), dtype)
 
 
 def test_many_chunks_accumulate_in_fp32():

@@ -237,6 +237,25 @@ def test_peak_memory_has_no_n_by_k_buffer():
     assert peak(lambda: vq_nearest(z, codebook, backend="triton", return_stats=True)) <= with_stats < N * K * 4 // 4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_misaligned_and_strided_inputs(dtype):
+    """z and codebook starting one element past a 16-byte boundary, and a transposed layout: the
+    same indices, distances and statistics as contiguous copies."""
+    g = torch.Generator().manual_seed(6)
+    z, codebook = torch.randn(70, 24, generator=g).to(DEVICE, dtype), torch.randn(300, 24, generator=g).to(DEVICE, dtype)
+    flat = torch.zeros(z.numel() + codebook.numel() + 1, dtype=dtype, device=DEVICE)
+    z_odd = flat[1:1 + z.numel()].view_as(z)
+    c_odd = flat[1 + z.numel():].view_as(codebook)
+    z_odd.copy_(z)
+    c_odd.copy_(codebook)
+    assert z_odd.data_ptr() % 16 and c_odd.data_ptr() % 16
+    expect = vq_nearest(z, codebook, backend="triton", return_stats=True)
+    for zz, cc in ((z_odd, c_odd), (z.T.contiguous().T, codebook.T.contiguous().T)):
+        got = vq_nearest(zz, cc, backend="triton", return_stats=True)
+        for a, b in zip(got, expect):
+            assert torch.equal(a, b)
+
+
 def test_public_name_survives_the_kernel_import():
     """A kernel module named like the public function would rebind the package attribute from the
     function to the module on its first (lazy) import, breaking a user's second call."""

@@ -101,8 +101,17 @@ def masked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias
     materialising the [rows, V] fp32 logits. Grads flow to hidden, weight and bias.
 
     With ``return_accuracy`` returns (loss, accuracy), the accuracy taken from the same pass.
-    ``validate`` checks targets are in [0, V) on the selected rows (one device sync).
+    ``validate`` checks targets are in [0, V) on the selected rows (one device sync). Under
+    autocast, hidden, weight and bias are cast to the autocast dtype first, as ``F.linear`` is.
     """
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        cast = [None if t is None else t.to(dt) if t.is_floating_point() else t for t in (hidden, weight, bias)]
+        with torch.autocast(dev, enabled=False):
+            return masked_linear_cross_entropy(*cast, targets, mask, reduction=reduction,
+                                               label_smoothing=label_smoothing, backend=backend,
+                                               return_accuracy=return_accuracy, validate=validate)
     _flatten_rows(hidden, targets, mask)
     _check_float("hidden", hidden)
     _check_float("weight", weight)

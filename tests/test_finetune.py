@@ -3,6 +3,11 @@ exact resume, export to timm, and the bad-input lines."""
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -81,6 +86,48 @@ def test_ema_under_zero3_resume_and_zero2_agree(demo_data, val_data, pretrained,
     # the EMA export is the averaged classifier
     res = export_checkpoint(full, tmp_path / "ema.safetensors", ema=True)
     assert res["timm_kwargs"]["num_classes"] == 10
+
+
+@pytest.mark.slow
+def test_stop_signal_saves_exits_75_and_resume_matches(demo_data, val_data, pretrained, tmp_path):
+    """SIGTERM mid fine-tune: a checkpoint at the step boundary, exit 75, no summary; ``--resume auto``
+    then ends with the uninterrupted run's losses, evaluation, weights and EMA."""
+    from peco_scale.engine.checkpoint import find_resume
+
+    over = {"max_steps": 16, "train.ckpt_every": 1000}
+    full, part = tmp_path / "full", tmp_path / "part"
+    _ok(run_launch("launch/finetune.py", ft_args(demo_data, val_data, pretrained, full, **over)))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch/finetune.py"),
+                             *ft_args(demo_data, val_data, pretrained, part, **over)], cwd=ROOT,
+                            env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not ((part / "metrics.jsonl").exists() and len([r for r in read_metrics(part) if "loss" in r]) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("interrupted:")]
+    assert len(lines) == 1 and "stopped by SIGTERM after step " in lines[0], err[-3000:]
+    k = int(lines[0].split("after step ")[1].split()[0])
+    assert 3 <= k < 16
+    assert find_resume(part / "checkpoints") == part / "checkpoints" / f"step_{k:08d}"
+    assert (full / "summary.json").exists() and not (part / "summary.json").exists()  # unfinished: no summary
+    _ok(run_launch("launch/finetune.py",
+                   ft_args(demo_data, val_data, pretrained, part, **{**over, "train.resume": "auto"})))
+    assert (part / "summary.json").exists()
+    rows = {name: read_metrics(run) for name, run in (("full", full), ("part", part))}
+    train = {n: [(r["step"], r["loss"]) for r in v if "loss" in r] for n, v in rows.items()}
+    assert [s for s, _ in train["full"]] == list(range(1, 17))
+    assert train["part"] == train["full"]
+    evals = {n: [r for r in v if "eval_top1" in r] for n, v in rows.items()}
+    assert evals["part"] == evals["full"] and evals["full"]
+    last = lambda run: run / "checkpoints" / "step_00000016"  # noqa: E731
+    w_full, w_part = consolidate(last(full)), consolidate(last(part))
+    assert all(torch.equal(w_full[k], w_part[k]) for k in w_full)
+    e_full, e_part = (load_file(str(last(r) / "ema.safetensors")) for r in (full, part))
+    assert all(torch.equal(e_full[k], e_part[k]) for k in e_full)
 
 
 def test_finetune_learns_the_demo_labels_and_exports_to_timm(tiny_tokenizer, pretrained, val_data, tmp_path):

@@ -97,6 +97,56 @@ def test_stop_signal_checkpoints_exits_75_and_resumes(sig, reference, demo_data,
     _assert_same_tokenizer(reference, out)
 
 
+def _wandb_record_kinds(run_file: Path) -> list[str]:
+    """The record types in a wandb transaction log (``run-<id>.wandb``): a 7-byte header, then
+    LevelDB-style 32 KiB blocks of chunks (crc32, length, type: 1 full, 2 first, 3 middle, 4
+    last), each whole record one ``wandb_internal_pb2.Record``."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, kinds, rec = run_file.read_bytes(), 7, [], b""
+    assert data[:4] == b":W&B", run_file
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # block trailer padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            break
+        rec = (b"" if kind in (1, 2) else rec) + data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            r = pb.Record()
+            r.ParseFromString(rec)
+            kinds.append(r.WhichOneof("record_type"))
+    return kinds
+
+
+@pytest.mark.slow
+def test_stopped_run_marks_its_wandb_run_preempting(demo_data, tmp_path, monkeypatch):
+    """On a stop signal the wandb run is marked preempting (so the UI shows it as requeued, not
+    crashed); a run that finishes is not."""
+    pytest.importorskip("wandb", reason="wandb is an optional extra (installed by `make test` through .[dev])")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    monkeypatch.setattr(os, "environ", {**env, "WANDB_SILENT": "true"})
+    done, stopped = tmp_path / "done", tmp_path / "stopped"
+    res = _run(_args(demo_data, done, **{"train.max_steps": 3, "train.wandb": "true"}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    proc = _start(_args(demo_data, stopped, **{"train.wandb": "true"}))
+    _wait_for_step(stopped, proc, 2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    kinds = {}
+    for run in (done, stopped):
+        files = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(files) == 1, files
+        kinds[run.name] = _wandb_record_kinds(files[0])
+        assert "history" in kinds[run.name] and kinds[run.name][-1] == "exit", kinds[run.name]
+    assert "preempting" in kinds["stopped"] and "preempting" not in kinds["done"]
+
+
 # -- file systems -----------------------------------------------------------------------------
 
 

@@ -21,9 +21,11 @@ of peak than cuBLAS. What (b) pays instead is memory traffic on the [chunk, V] b
 the rows are split into equal chunks under it: at the ViT-H/14-448 shape in bf16 (12,544 rows,
 196 MiB of logits) that is TWO chunks of 6,272 rows (98 MiB each, still large GEMMs), so the fp32
 [M, V] logits (392 MiB here, 5 GB at the global batch) are never formed, and larger M is
-simply more chunks. Peak memory, as the live-bytes meter of ``peco_kernels.bench`` counts it
-at that shape: buffer + dH + the fp32 dW accumulator + one fp32 chunk product ~ 209 MiB in
-forward, where the eager reference holds ~1176 MiB (fp32 logits, log-softmax, its gradient).
+simply more chunks. Peak memory of forward + backward at that shape, counted by the live-bytes
+meter of ``peco_kernels.bench`` on CPU: 229 MiB (buffer + dH + the fp32 dW accumulator + one
+chunk's dW product, which on CPU also exists in bf16: ~20 MiB that CUDA's fp32-output matmul
+does not allocate) against the eager reference's 1176 MiB (fp32 logits, log-softmax and its
+gradient at once); with 256 MiB chunks (one chunk) it was 287 MiB.
 
 Precision (the anchors' known bugs):
 - dW/db are accumulated across chunks in fp32 (bf16 accumulation diverges: Liger #512,

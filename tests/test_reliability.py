@@ -173,15 +173,21 @@ def _one_error_line(res: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
+def _two_steps_on_mount(demo_data: Path, mount: Path, options: str, run: Path):
+    """A 2-step run writing to ``run`` while ``mount`` is a tmpfs with ``options``, which must refuse
+    with exit 2: (the result, its one error line)."""
+    _mount_tmpfs(mount, options)
+    try:
+        res = _run(_args(demo_data, run, **{"train.max_steps": 2}))
+    finally:
+        _umount(mount)
+    assert res.returncode == 2, res.stderr[-3000:]
+    return res, _one_error_line(res)
+
+
 def test_unwritable_output_folder_is_one_line_at_start(demo_data, tmp_path):
     out = tmp_path / "ro"
-    _mount_tmpfs(out, "ro,size=1m")
-    try:
-        res = _run(_args(demo_data, out / "run", **{"train.max_steps": 2}))
-    finally:
-        _umount(out)
-    assert res.returncode == 2
-    line = _one_error_line(res)
+    res, line = _two_steps_on_mount(demo_data, out, "ro,size=1m", out / "run")
     assert f"output folder {out / 'run'} is not writable (Read-only file system)" in line, line
     assert "choose another --train.output_dir" in line
     assert "M params" not in res.stdout + res.stderr  # stopped before the model was built
@@ -189,13 +195,7 @@ def test_unwritable_output_folder_is_one_line_at_start(demo_data, tmp_path):
 
 def test_checkpoint_folder_without_room_is_one_line_at_start(demo_data, tmp_path):
     ckpts = tmp_path / "run" / "checkpoints"
-    _mount_tmpfs(ckpts, "size=64k")
-    try:
-        res = _run(_args(demo_data, tmp_path / "run", **{"train.max_steps": 2}))
-    finally:
-        _umount(ckpts)
-    assert res.returncode == 2
-    line = _one_error_line(res)
+    _, line = _two_steps_on_mount(demo_data, ckpts, "size=64k", tmp_path / "run")
     assert f"{ckpts} has " in line and "a checkpoint of this run needs about" in line, line
     assert "free space there or choose another --train.output_dir" in line
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before training

@@ -114,13 +114,43 @@ def _ce_rows_kernel(
             tl.store(ptr + offs, (g * s).to(logits_ptr.dtype.element_ty), mask=valid)
 
 
-def _dw_chunk_fp32(dlogits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """dlogits^T @ rows -> fp32 [V, H]; fp16/bf16 products leave cuBLAS in fp32 on CUDA."""
+_UPCAST_BYTES = 32 * 2**20  # bound on the fp32 copy of a dlogits slice where no fp32-output matmul exists
+_FP32_OUT_MM: dict[str, bool] = {}  # device type -> does torch.mm(bf16, bf16, out_dtype=fp32) run there
+
+
+def fp32_out_mm_supported(device: torch.device) -> bool:
+    """Whether this torch has a 16-bit matmul with an fp32 output on ``device`` (``torch.mm(...,
+    out_dtype=)``: CUDA in recent torch, not CPU); probed once per device type."""
+    if device.type not in _FP32_OUT_MM:
+        a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+        try:
+            ok = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):
+            ok = False
+        _FP32_OUT_MM[device.type] = ok
+    return _FP32_OUT_MM[device.type]
+
+
+def upcast_rows(chunk_rows: int, V: int) -> int:
+    """Rows of a dlogits chunk upcast at once by the fallback: at most ``_UPCAST_BYTES`` and an
+    eighth of the chunk, so the fp32 slice stays at a quarter of the chunk's 16-bit buffer."""
+    return max(1, min(_UPCAST_BYTES // (4 * V), -(-chunk_rows // 8)))
+
+
+def _accumulate_dw(dw: torch.Tensor, dlogits: torch.Tensor, rows: torch.Tensor) -> None:
+    """dw fp32 [V, H] += dlogits^T [V, C] @ rows [C, H], the product itself in fp32.
+
+    16-bit inputs: cuBLAS's fp32-output matmul where this torch has it; elsewhere (CPU, older
+    torch) slices of at most ``_UPCAST_BYTES`` are upcast and added in place (16-bit values are
+    exact in fp32 and in tf32, so the product is the same up to fp32 summation order)."""
     if dlogits.dtype == torch.float32:
-        return torch.mm(dlogits.t(), rows)
-    if dlogits.is_cuda:
-        return torch.mm(dlogits.t(), rows, out_dtype=torch.float32)
-    return torch.mm(dlogits.t(), rows).float()  # CPU (interpreter tests): no out_dtype matmul
+        dw.addmm_(dlogits.t(), rows)
+    elif fp32_out_mm_supported(dlogits.device):
+        dw.add_(torch.mm(dlogits.t(), rows, out_dtype=torch.float32))
+    else:
+        step = upcast_rows(*dlogits.shape)
+        for s in range(0, dlogits.shape[0], step):
+            dw.addmm_(dlogits[s:s + step].t().float(), rows[s:s + step].float())
 
 
 def _launch(rows, weight, bias, targets, *, eps, scale, need_dh, need_dw, need_db, chunk_rows=None):
@@ -164,8 +194,9 @@ def _launch(rows, weight, bias, targets, *, eps, scale, need_dh, need_dw, need_d
         if need_dh:
             torch.mm(logits, weight, out=dh[s:e])
         if need_dw:
-            part = _dw_chunk_fp32(logits, rows_c)
-            dw = part if dw is None else dw.add_(part)
+            if dw is None:
+                dw = torch.zeros(weight.shape, dtype=torch.float32, device=dev)
+            _accumulate_dw(dw, logits, rows_c)
         if need_db:
             part = logits.sum(0, dtype=torch.float32)
             db = part if db is None else db.add_(part)

@@ -16,7 +16,8 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 import triton.language as tl  # noqa: E402
 
 import peco_kernels  # noqa: E402
-from peco_kernels.linear_ce import masked_linear_cross_entropy_triton  # noqa: E402
+from peco_kernels.linear_ce import (  # noqa: E402
+    _accumulate_dw, _FP32_OUT_MM, fp32_out_mm_supported, masked_linear_cross_entropy_triton, upcast_rows)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -370,8 +371,8 @@ def test_many_chunks_accumulate_in_fp32():
 
 def test_peak_memory_stays_under_the_chunk_bound():
     """Forward + backward never holds the [M, V] fp32 logits: measured by the bench's live-bytes
-    meter, the peak stays within buffer + dH + the fp32 dW accumulator + one chunk product (on CPU
-    that product exists in bf16 and fp32) + the backward's scaled copies, while the eager reference
+    meter, the peak stays within buffer + dH + the fp32 dW accumulator + one chunk's product (or
+    the fp32 slices the fallback multiplies) + the backward's scaled copies, while the eager reference
     measured the same way holds its fp32 logits, log-softmax and their gradient at once."""
     from peco_kernels.bench import LiveBytes
 
@@ -396,6 +397,34 @@ def test_peak_memory_stays_under_the_chunk_bound():
     for chunk_rows in (None, 256):
         rows = M if chunk_rows is None else chunk_rows  # 16 MiB of bf16 logits: one chunk by default
         got = peak(lambda h, w, b: masked_linear_cross_entropy_triton(h, w, b, targets, None, chunk_rows=chunk_rows)[0])
-        bound = rows * V * 2 + M * H * 2 + V * H * (4 + 2 + 4) + grads + 2**20
+        # dW's product: an fp32 [V, H] result where the fp32-output matmul exists (CUDA), else
+        # fp32 copies of a slice of the chunk's dlogits and rows
+        product = V * H * 4 if fp32_out_mm_supported(hidden.device) else upcast_rows(rows, V) * (V + H) * 4
+        bound = rows * V * 2 + M * H * 2 + V * H * 4 + product + grads + 2**20
         assert got <= bound, f"chunk_rows={chunk_rows}: peak {got} > bound {bound} bytes"
         assert got < logits32 and got <= 0.25 * eager, (got, eager)
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_dw_product_is_fp32_on_both_paths(fallback, monkeypatch):
+    """dW += dlogits^T @ rows keeps the 16-bit product in fp32 on both paths: cuBLAS's fp32-output
+    matmul where torch has it, else (CPU, torch without ``mm(..., out_dtype=)``) upcast slices. Both
+    match the fp64 product to fp32 rounding; a product rounded to bf16 first would be ~1e-3 off."""
+    dev = torch.device(DEVICE)
+    if not fallback and not fp32_out_mm_supported(dev):
+        pytest.skip(f"torch {torch.__version__} has no fp32-output 16-bit matmul on {dev.type}: only the fallback runs")
+    if fallback:
+        monkeypatch.setitem(_FP32_OUT_MM, dev.type, False)
+    g = torch.Generator().manual_seed(12)
+    C, V, H = 37, 300, 48
+    assert upcast_rows(C, V) < C  # several slices
+    dl, rows = (torch.randn(C, n, generator=g).to(B16) for n in (V, H))
+    dw = torch.full((V, H), 0.5)
+    ref = dw.double() + dl.double().t() @ rows.double()
+    dw = dw.to(dev)
+    _accumulate_dw(dw, dl.to(dev), rows.to(dev))
+    assert dw.dtype == torch.float32
+    rel = ((dw.cpu().double() - ref).norm() / ref.norm()).item()
+    assert rel < 1e-6, rel
+    rounded = (dl.t() @ rows).double() + 0.5  # what a bf16 product would give
+    assert ((rounded - ref).norm() / ref.norm()).item() > 100 * rel

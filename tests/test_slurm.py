@@ -171,6 +171,30 @@ def test_requeue_signal_checkpoints_requeues_and_resumes(slurm, reference_run, d
     _same_run(reference_run, run, tmp_path)
 
 
+@pytest.mark.parametrize("order", ["stop", "crash"])
+def test_which_rank_exits_first_does_not_decide_a_requeue(slurm, tmp_path, order):
+    """Rank 1 exits at once, rank 0 three seconds later (tests/slurm_exit_order.py stands in for the
+    ranks to fix that order). Both stopped (75): the job requeues and completes -- before
+    run_ranks.sh, srun's --kill-on-bad-exit took rank 1's 75 for a failure and killed rank 0 (143),
+    so the job FAILED. Rank 1 crashed (1): rank 0 is killed at once and the job fails, no requeue."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    job = slurm.sbatch(["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", f"--chdir={ROOT}",
+                        f"--output={logs}/job.out", str(ROOT / "launch/slurm/pretrain.sbatch")],
+                       env=_job_env(LOG_DIR=str(logs), ENTRY=str(ROOT / "tests/slurm_exit_order.py"),
+                                    EXIT_ORDER=order), cwd=ROOT)
+    if order == "stop":
+        fields = _assert_completed(slurm, job, logs)
+        assert fields["Restarts"] == "1", fields
+        assert "rank 0 finished" in _read(logs / "rank0.log") and "requeueing job" in _read(logs / "job.out")
+        assert "start 1" in _read(logs / "rank0.log") and "start 1" in _read(logs / "rank1.log")
+    else:
+        fields = slurm.wait(job, 300)[str(job)]
+        assert fields["JobState"] == "FAILED" and fields["Restarts"] == "0", fields
+        assert "rank 0 finished" not in _read(logs / "rank0.log") and "requeueing" not in _read(logs / "job.out")
+    assert not list(logs.glob("stopped-*")), "the stop files are removed once srun returns"
+
+
 def _rank_pids(run: Path) -> list[int]:
     pids = []
     for p in Path("/proc").iterdir():

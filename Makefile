@@ -11,7 +11,7 @@ DS_LAUNCH := DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} $(BIN)/deepspeed --num_gpus 
 # `opencv`; Debian names it opencv4, so a link in build/pkgconfig provides the expected name.
 PKGCONF := $(CURDIR)/build/pkgconfig
 
-.PHONY: install syslibs slurm demo test clean
+.PHONY: install syslibs slurm demo test clean gpu-wheels
 
 syslibs:
 	@if ! pkg-config --exists opencv4 2>/dev/null || ! pkg-config --exists libturbojpeg 2>/dev/null; then \
@@ -62,3 +62,7 @@ test: install slurm
 
 clean:
 	rm -rf runs .pytest_cache
+
+# The GPU check's wheels for the lent GPU machine (CPython 3.12): see launch/gpu_wheels.sh. Prints the device call.
+gpu-wheels: install
+	PYTHON=$(BIN)/python bash launch/gpu_wheels.sh

@@ -9,15 +9,16 @@ the Triton kernel, the eager torch reference, torch.compile of the reference, to
 ``F.linear_cross_entropy`` when present and Liger-Kernel's fused linear CE when installed;
 forward, backward and full (forward + backward). Nearest-code lookup (K = 8192, D = 32 and
 256): a micro-batch of token grids at 224 and 448 for the Triton kernel, the chunked torch
-reference and ``torch.cdist(...).argmin`` (which materialises [N, K]).
+reference, ``torch.cdist(...).argmin`` (which materialises [N, K]) and its torch.compile form.
 
 Each row: median time (``triton.testing.do_bench`` on CUDA), peak memory above the inputs (the
 CUDA allocator's count; on CPU the same count made by ``LiveBytes``), achieved TFLOP/s, its
 fraction of a bf16 matmul peak measured in the same run, and the time over the floor of
-PECO.md section 6 (``x_floor``); rows are appended to --results with GPU name, versions and
+docs/gpu_check.md (``x_floor``); rows are appended to --results with GPU name, versions and
 date. A last table checks the goals of the kernels' issue where the rows allow it. Without CUDA
 the Triton rows cannot run at speed (the interpreter is for correctness), so only the torch
-variants are timed, at reduced shapes, and every row says so.
+variants are timed, at reduced shapes, and every row says so (``--cpu_triton`` adds the interpreted
+Triton rows: a check that the code path runs, as the GPU check's dry run does).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
+import inspect
 import json
+import os
 import platform
 import statistics
 import sys
@@ -147,7 +150,7 @@ def cuda_core_ops_per_s(device: torch.device) -> float | None:
 
 
 def floor_ms(row: dict, matmul_tflops: float, core_ops: float | None) -> tuple[float, str]:
-    """(the row's floor in ms, what sets it), as in PECO.md section 6: the matmul FLOPs at the
+    """(the row's floor in ms, what sets it), as in docs/gpu_check.md: the matmul FLOPs at the
     matmul peak measured in the same run; for the nearest-code search also its argmin epilogue,
     ~3 CUDA-core instructions per (row, code), which sets the floor at small D."""
     flops = row["tflops"] * row["ms"] * 1e-3 * 1e12
@@ -159,15 +162,16 @@ def floor_ms(row: dict, matmul_tflops: float, core_ops: float | None) -> tuple[f
     return mm, "matmul"
 
 
-def _ce_variants(device: torch.device) -> dict[str, Callable]:
+def _ce_variants(device: torch.device, triton_on_cpu: bool = False) -> dict[str, Callable]:
     from .functional import masked_linear_cross_entropy
 
     def ref(h, w, b, t):
         return masked_linear_cross_entropy_reference(h, w, b, t)[0]
 
     variants = {"torch_eager": ref}
-    if device.type == "cuda":
+    if device.type == "cuda" or triton_on_cpu:
         variants["triton"] = lambda h, w, b, t: masked_linear_cross_entropy(h, w, b, t, backend="triton", validate=False)
+    if device.type == "cuda":
         variants["torch_compile"] = torch.compile(ref)
         native = getattr(F, "linear_cross_entropy", None)
         if native is not None:
@@ -175,13 +179,18 @@ def _ce_variants(device: torch.device) -> dict[str, Callable]:
         try:
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-            variants["liger"] = lambda h, w, b, t: liger_fused_linear_cross_entropy(h, w, t, bias=b)
+            # fp32 accumulation of dW across chunks, as the Triton kernel does (Liger's default accumulates
+            # in the input dtype where its version has the switch)
+            kw = {"accum_dtype": torch.float32} if "accum_dtype" in inspect.signature(
+                liger_fused_linear_cross_entropy).parameters else {}
+            variants["liger"] = lambda h, w, b, t: liger_fused_linear_cross_entropy(h, w, t, bias=b, **kw)
         except ImportError:
             pass
     return variants
 
 
-def bench_ce(device: torch.device, dtype: torch.dtype, shapes: dict, reps: int, note: str) -> list[dict]:
+def bench_ce(device: torch.device, dtype: torch.dtype, shapes: dict, reps: int, note: str,
+             triton_on_cpu: bool = False) -> list[dict]:
     cuda = device.type == "cuda"
     rows = []
     for shape, (m, hdim) in shapes.items():
@@ -191,7 +200,7 @@ def bench_ce(device: torch.device, dtype: torch.dtype, shapes: dict, reps: int, 
         b = torch.zeros(VOCAB, device=device, dtype=dtype, requires_grad=True)
         t = torch.randint(0, VOCAB, (m,), device=device, generator=g)
         flops = {"forward": 2 * m * hdim * VOCAB, "backward": 4 * m * hdim * VOCAB, "full": 6 * m * hdim * VOCAB}
-        for name, fn in _ce_variants(device).items():
+        for name, fn in _ce_variants(device, triton_on_cpu).items():
             def fwd():
                 with torch.no_grad():
                     return fn(h, w, b, t)
@@ -214,13 +223,19 @@ def bench_ce(device: torch.device, dtype: torch.dtype, shapes: dict, reps: int, 
     return rows
 
 
-def bench_vq(device: torch.device, dtype: torch.dtype, shapes: dict, reps: int, note: str) -> list[dict]:
+def _cdist_argmin(z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(z.float(), c.float()).argmin(1)
+
+
+def bench_vq(device: torch.device, dtype: torch.dtype, shapes: dict, reps: int, note: str,
+             triton_on_cpu: bool = False) -> list[dict]:
     from .functional import vq_nearest
 
     cuda = device.type == "cuda"
-    variants = {"torch_chunked": lambda z, c: vq_nearest_reference(z, c),
-                "torch_cdist_argmin": lambda z, c: torch.cdist(z.float(), c.float()).argmin(1)}
+    variants = {"torch_chunked": lambda z, c: vq_nearest_reference(z, c), "torch_cdist_argmin": _cdist_argmin}
     if cuda:
+        variants["torch_compile_cdist_argmin"] = torch.compile(_cdist_argmin)
+    if cuda or triton_on_cpu:
         variants["triton"] = lambda z, c: vq_nearest(z, c, backend="triton")
         variants["triton_with_stats"] = lambda z, c: vq_nearest(z, c, backend="triton", return_stats=True)
     rows = []
@@ -244,8 +259,8 @@ def bench_vq(device: torch.device, dtype: torch.dtype, shapes: dict, reps: int, 
 def goal_checks(rows: list[dict]) -> list[tuple[str, float, str, bool]]:
     """(what, measured, target, met) for the goals the rows can decide: at the ViT-H/14-448
     shape the Triton linear-CE full pass >= 1.3x faster than eager with <= 25% of its peak
-    memory and no slower than torch.compile or the native op; each nearest-code shape >= 5x
-    faster than cdist + argmin and within 2x of its floor."""
+    memory and no slower than torch.compile, the native op or Liger-Kernel; each nearest-code
+    shape >= 5x faster than cdist + argmin and within 2x of its floor."""
     by = {(r["kernel"], r["variant"], r["shape"], r.get("phase")): r for r in rows if "error" not in r}
     out = []
     tri = by.get(("masked_linear_ce", "triton", "vit_h14_448", "full"))
@@ -256,7 +271,7 @@ def goal_checks(rows: list[dict]) -> list[tuple[str, float, str, bool]]:
             out.append(("linear-CE ViT-H/14-448 speed-up over eager", x, ">= 1.3", x >= 1.3))
             m = tri["peak_mem_mb"] / eager["peak_mem_mb"]
             out.append(("linear-CE ViT-H/14-448 peak memory / eager's", m, "<= 0.25", m <= 0.25))
-        for other in ("torch_compile", "torch_native"):
+        for other in ("torch_compile", "torch_native", "liger"):
             o = by.get(("masked_linear_ce", other, "vit_h14_448", "full"))
             if o:
                 x = o["ms"] / tri["ms"]
@@ -281,29 +296,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions on CPU (CUDA uses do_bench)")
     ap.add_argument("--scale", type=float, default=0.0,
                     help="row-count scale of the shapes (default 1 on CUDA, 1/64 on CPU)")
-    ap.add_argument("--shape", default="", help="one shape only (an array task's share): "
+    ap.add_argument("--shape", default="", help="these shapes only, comma-separated (an array task's share): "
                     + ", ".join([*CE_SHAPES, *VQ_SHAPES]))
     ap.add_argument("--results", default="benchmarks/results/kernels.jsonl")
+    ap.add_argument("--cpu_triton", action="store_true",
+                    help="without CUDA, time the Triton rows too (under TRITON_INTERPRET=1: a check that the "
+                         "code path runs, at tiny --scale; the times mean nothing)")
     args = ap.parse_args(argv)
-    if args.shape and args.shape not in CE_SHAPES and args.shape not in VQ_SHAPES:
-        ap.error(f"--shape {args.shape} is not a known shape; choose one of {', '.join([*CE_SHAPES, *VQ_SHAPES])}")
+    shapes = [x.strip() for x in args.shape.split(",") if x.strip()]
+    if unknown := [x for x in shapes if x not in CE_SHAPES and x not in VQ_SHAPES]:
+        ap.error(f"--shape {','.join(unknown)} is not a known shape; choose from {', '.join([*CE_SHAPES, *VQ_SHAPES])}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     scale = args.scale or (1.0 if cuda else 1 / 64)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    note = "" if cuda else ("CPU only: Triton rows need CUDA (the interpreter checks correctness, not speed); torch "
-                            f"references timed at {scale:g} x the real row counts")
+    triton_on_cpu = not cuda and args.cpu_triton
+    if triton_on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+        ap.error("--cpu_triton runs the Triton kernels under the interpreter: set TRITON_INTERPRET=1")
+    note = "" if cuda else (f"CPU only: torch references timed at {scale:g} x the real row counts; Triton rows "
+                            + ("under the interpreter (correctness only, the times mean nothing)" if triton_on_cpu
+                               else "need CUDA (the interpreter checks correctness, not speed)"))
     if note:
         print(note)
     peak = matmul_peak_tflops(device, dtype)
     core_ops = cuda_core_ops_per_s(device)
-    ce = {k: (max(1, int(m * scale)), h) for k, (m, h) in CE_SHAPES.items() if args.shape in ("", k)}
-    vq = {k: (max(1, int(n * scale)), d) for k, (n, d) in VQ_SHAPES.items() if args.shape in ("", k)}
+    ce = {k: (max(1, int(m * scale)), h) for k, (m, h) in CE_SHAPES.items() if not shapes or k in shapes}
+    vq = {k: (max(1, int(n * scale)), d) for k, (n, d) in VQ_SHAPES.items() if not shapes or k in shapes}
     rows = []
     if args.kernel in ("ce", "all") and ce:
-        rows += bench_ce(device, dtype, ce, args.reps, note)
+        rows += bench_ce(device, dtype, ce, args.reps, note, triton_on_cpu)
     if args.kernel in ("vq", "all") and vq:
-        rows += bench_vq(device, dtype, vq, args.reps, note)
+        rows += bench_vq(device, dtype, vq, args.reps, note, triton_on_cpu)
     meta = {"date": dt.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if cuda else (platform.processor() or "cpu"),
             "matmul_peak_tflops": peak, "cuda_core_tops": None if core_ops is None else core_ops / 1e12}

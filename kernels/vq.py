@@ -34,7 +34,7 @@ computes every dot in numpy fp32 (bf16 tiles are upcast first: its numpy dot can
 Block sizes are fixed per shape, not autotuned, on purpose: an autotuner picks by timing, which
 may differ between processes or ranks, and a different tile shape can change fp32 rounding of a
 score and so an argmin on a near tie; every rank must quantise identically. BLOCK_N = BLOCK_K =
-128 with 8 warps amortises the argmin epilogue (the floor at D = 32, PECO.md section 6) over a
+128 with 8 warps amortises the argmin epilogue (the floor at D = 32, docs/gpu_check.md) over a
 large tile; BLOCK_D <= 64 keeps three pipeline stages of an fp32 codebook tile (3 x 32 KiB) in
 shared memory. These are starting points for a benchmark on the H100, not measured optima.
 

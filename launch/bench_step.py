@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch_size:
             b = args.batch_size
         elif device.type == "cuda":
-            b, trials = fit_batch(lambda b: bench.peak_at(b, steps=2), probe=4, cap=args.max_batch, budget_gb=budget)
+            b, trials = fit_batch(lambda b: bench.peak_at(b, steps=1), probe=4, cap=args.max_batch, budget_gb=budget)
         else:  # no allocator to ask: the cap is the batch
             b = args.max_batch
         row = {"date": dt.datetime.now().isoformat(timespec="seconds"), "device": dev_name,

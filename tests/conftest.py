@@ -62,7 +62,7 @@ def tiny_tokenizer(demo_data, tmp_path_factory) -> Path:
     res = run_launch("launch/train_tokenizer.py",
                      tiny_args(demo_data, out, **{"data.img_size": 64, "train.batch_size": 16, "train.max_steps": 40,
                                                   "train.log_every": 10, "train.ckpt_every": 1000,
-                                                  "optim.warmup_steps": 5}))
+                                                  "optim.warmup_steps": 5, "optim.lr": 1e-2}))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return out / "tokenizer.safetensors"
 

@@ -4,7 +4,7 @@
 
 FLOPs: analytic counts of the ViT backbone and the MIM head (``vit_forward_flops``,
 ``head_flops``, ``mim_train_flops``), checked in the tests against
-``torch.utils.flop_counter.FlopCounterMode`` (``count_forward_flops``) and against PECO.md
+``torch.utils.flop_counter.FlopCounterMode`` (``count_forward_flops``) and against docs/method.md
 section 5. One multiply-accumulate (MAC) is 2 FLOPs.
 
 Memory: model state (bf16 params + bf16 grads + fp32 master/exp_avg/exp_avg_sq, partitioned
@@ -14,7 +14,7 @@ micro-batch that fits for every ZeRO stage x checkpointing. The activation model
 tensors each op of timm's ``Block`` saves for backward; a test measures the same with
 ``torch.autograd.graph.saved_tensors_hooks`` and agrees to the byte on the CPU.
 
-GB here means 1e9 bytes (as PECO.md: "ViT-H ~10.1 GB" of model state). An "80 GB" H100 has
+GB here means 1e9 bytes (as docs/method.md: "ViT-H ~10.1 GB" of model state). An "80 GB" H100 has
 about 85e9 bytes (79.2 GiB), so ``--gpu_mem_gb 80`` is slightly conservative.
 """
 
@@ -82,7 +82,7 @@ def vit_forward_flops(preset: ViTPreset, img_size: int, *, num_tokens: int | Non
     the weighted sum (2 * T^2 * D MACs). Norms, softmax, GELU, biases, residual adds and layer
     scale (O(T*D) each) are ignored. ``num_tokens`` overrides T in the blocks (e.g. an
     MAE-style encoder over visible tokens); the patch embedding still covers all N patches.
-    Reproduces PECO.md section 5 (L/16@224: 61.6 GMACs ... H/14@448: 731.7 GMACs).
+    Reproduces docs/method.md (L/16@224: 61.6 GMACs ... H/14@448: 731.7 GMACs).
     """
     patch, blocks = _forward_macs(preset, img_size, num_tokens)
     return 2.0 * (patch + blocks)

@@ -1,4 +1,4 @@
-"""FLOP and memory planner: analytic counts against real measurements and PECO.md section 5."""
+"""FLOP and memory planner: analytic counts against real measurements and docs/method.md."""
 
 import subprocess
 import sys
@@ -108,7 +108,7 @@ def test_param_count_matches_meta_model(name, size):
 
 
 def test_model_state_16_bytes_per_param_and_zero3_shrinks():
-    # PECO.md: model state ViT-L ~4.9 GB, ViT-H ~10.1 GB (16 B/param, backbone)
+    # docs/method.md: model state ViT-L ~4.9 GB, ViT-H ~10.1 GB (16 B/param, backbone)
     for name, gb in [("vit_large_patch16", 4.9), ("vit_huge_patch14", 10.1)]:
         n = plan(name, 224, 1, 80)["params"]["backbone"]
         assert model_state_bytes(n, 1, 1)["total"] / GB == pytest.approx(gb, rel=0.02)

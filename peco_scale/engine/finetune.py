@@ -1,6 +1,6 @@
 """Stage 3: fine-tuning a pre-trained backbone for classification, under DeepSpeed ZeRO 0-3.
 
-BEiT/PeCo recipe (PECO.md section 4): average-pooled features -> fc_norm -> linear head (timm's
+BEiT/PeCo recipe (docs/method.md): average-pooled features -> fc_norm -> linear head (timm's
 VisionTransformer, so checkpoints are timm state dicts), layer-wise lr decay (each AdamW group
 carries ``lr_scale``; the schedule sets ``lr = schedule(step) x lr_scale``), linear warm-up then
 cosine, timm's Mixup/CutMix with label smoothing (SoftTargetCrossEntropy), stochastic depth,

@@ -2,7 +2,7 @@
 
 Precedence as in stage 2: defaults -> the DeepSpeed recipe (its batch/optimizer fields and its
 "peco_scale" block) -> --config FILE -> --section.key flags. The run-control and optimizer
-sections are stage 2's with fine-tuning defaults (BEiT/PeCo recipe, PECO.md section 4).
+sections are stage 2's with fine-tuning defaults (BEiT/PeCo recipe, docs/method.md).
 """
 
 from __future__ import annotations

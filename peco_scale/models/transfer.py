@@ -31,7 +31,7 @@ import torch.nn as nn
 from ..config import ConfigError
 from .vit import VIT_PRESETS, export_timm_state_dict, resize_pos_embed, timm_spec
 
-# BEiT v2 / EVA practice (PECO.md section 4): 0.65 for B (and the small presets), 0.75 L, 0.8 H
+# BEiT v2 / EVA practice (docs/method.md): 0.65 for B (and the small presets), 0.75 L, 0.8 H
 LAYER_DECAY = {"vit_large_patch16": 0.75, "vit_huge_patch14": 0.8}
 # stochastic depth while fine-tuning: 0.1 for B and smaller, 0.2 L, 0.3 H (BEiT/EVA recipes)
 DROP_PATH = {"vit_large_patch16": 0.2, "vit_huge_patch14": 0.3}

@@ -41,7 +41,7 @@ class ViTPreset:
         return {}
 
 
-# Paper sizes (PECO.md section 3) plus small presets for CPU tests and the demo. Names follow
+# Paper sizes (docs/method.md) plus small presets for CPU tests and the demo. Names follow
 # timm without the resolution suffix; the resolution is --img_size (or a _224/_448 suffix).
 VIT_PRESETS: dict[str, ViTPreset] = {
     "vit_pico_patch16": ViTPreset(16, 128, 4, 4, 0.1, "vit_tiny_patch16_224"),

@@ -21,7 +21,7 @@ from peco_scale.engine.finetune_config import FINETUNE_ALIASES, FinetuneConfig  
 
 
 def run(argv: list[str]) -> dict:
-    from peco_scale.engine.finetune import finetune
+    from peco_scale.train.finetune import finetune
     from peco_scale.engine.finetune_config import config_from_argv, resolve_finetune
 
     cfg, ds_dict = config_from_argv(argv)

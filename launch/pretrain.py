@@ -21,7 +21,7 @@ from peco_scale.engine.stage2_config import STAGE2_ALIASES, Stage2Config  # noqa
 
 
 def run(argv: list[str]) -> dict:
-    from peco_scale.engine.stage2 import pretrain
+    from peco_scale.train.pretrain import pretrain
     from peco_scale.engine.stage2_config import config_from_argv, resolve_stage2
 
     cfg, ds_dict = config_from_argv(argv)

@@ -16,7 +16,7 @@ from peco_scale.engine.stage1_config import STAGE1_ALIASES, Stage1Config  # noqa
 
 
 def run(argv: list[str]) -> dict:
-    from peco_scale.engine.stage1 import train_tokenizer
+    from peco_scale.train.tokenizer import train_tokenizer
     from peco_scale.engine.stage1_config import config_from_argv
 
     return train_tokenizer(config_from_argv(argv))

@@ -32,38 +32,8 @@ from safetensors.torch import save_file
 
 from .config import ConfigError
 from .engine.checkpoint import find_resume
+from .engine.weights import FORMAT, checkpoint_folder, consolidate  # noqa: F401 - consolidate: public here too
 from .models.vit import VIT_PRESETS, export_timm_state_dict, timm_spec
-
-FORMAT = "peco-backbone/1"
-
-
-def _checkpoint_folder(path: Path) -> Path:
-    """A step folder, a run's checkpoints/ folder, or a run folder -> the step folder."""
-    if (path / "COMPLETE").is_file():
-        return path
-    for root in (path, path / "checkpoints"):
-        found = find_resume(root) if root.is_dir() else None
-        if found is not None:
-            return found
-    raise ConfigError(f"'{path}' holds no complete checkpoint; pass a run folder, its checkpoints/ folder, or a "
-                      f"step_XXXXXXXX folder with a COMPLETE marker")
-
-
-def consolidate(folder: Path, engine: str = "model") -> dict[str, torch.Tensor]:
-    """fp32 state dict of the engine ``engine`` saved in a checkpoint step folder."""
-    tag_dir = folder / engine
-    if not tag_dir.is_dir():
-        raise ConfigError(f"checkpoint {folder} has no '{engine}' engine folder")
-    if any(tag_dir.glob("*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=engine)
-    else:  # ZeRO stage 0: the module's weights are in the model-states file
-        files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise ConfigError(f"no DeepSpeed model states in {tag_dir}")
-        sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() for k, v in sd.items()}
 
 
 def _best_folder(path: Path) -> Path:
@@ -112,7 +82,7 @@ def export_classifier(folder: Path, state: dict[str, Any], out: str | Path | Non
 def export_checkpoint(path: str | Path, out: str | Path | None = None, *, fold_layer_scale: bool = True,
                       best: bool = False, ema: bool = False) -> dict[str, Any]:
     """Write the backbone (+ head file) of a checkpoint; returns paths and the timm spec."""
-    folder = _best_folder(Path(path)) if best else _checkpoint_folder(Path(path))
+    folder = _best_folder(Path(path)) if best else checkpoint_folder(Path(path))
     state = json.loads((folder / "state.json").read_text())
     if "model" not in state:
         raise ConfigError(f"checkpoint {folder} is not a stage-2 (pretrain) or fine-tuning checkpoint")

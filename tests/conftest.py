@@ -15,6 +15,33 @@ if "TRITON_INTERPRET" not in os.environ:
 
     os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
 
+
+def _interpreter_index_fix() -> None:
+    """Triton <= 3.6's interpreter turns a runtime scalar (a 1-element array) into a Python int with
+    ``int(array)``, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted"), so any
+    ``range(runtime_bound)`` in a kernel fails there; triton 3.8 squeezes first. Apply that same fix to
+    the older interpreter (CPU tests only; compiled kernels never take this path)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import inspect
+
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or "int(self.handle.data))" not in inspect.getsource(original):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patched
+
+
+_interpreter_index_fix()
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 from peco_scale.config import ConfigError
 from peco_scale.engine.ema import ShardedEMA
 from peco_scale.export import FORMAT
-from peco_scale.models.transfer import (adapt_state_dict, build_classifier, layer_decay_groups, load_pretrained)
+from peco_scale.engine.weights import load_pretrained
+from peco_scale.models.transfer import adapt_state_dict, build_classifier, layer_decay_groups
 from peco_scale.models.vit import VIT_PRESETS, MaskedViT, export_timm_state_dict, resize_pos_embed, timm_spec
 
 

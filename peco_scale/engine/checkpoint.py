@@ -12,7 +12,14 @@ Layout under ``<run>/checkpoints``::
     latest                    name of the newest COMPLETE folder, replaced atomically
 
 A save killed midway leaves a folder without COMPLETE, which ``find_resume`` never picks.
+COMPLETE lists every file of the folder with its size; ``find_resume`` verifies that list and
+falls back, with a warning, to the previous complete checkpoint when a file is missing or cut.
 ``save`` must be called on every rank (DeepSpeed hangs otherwise).
+
+Loading never unpickles arbitrary objects: every ``.pt`` file of a folder is first read with
+``torch.load(weights_only=True)`` allowing exactly the types this project's (and DeepSpeed's)
+checkpoints hold (:func:`safe_load`, :func:`verify_pickles`); anything else is refused with one
+line before DeepSpeed reads the folder.
 
 Disk space: ``check_output`` (at start) stops with one line when the folder is not writable or
 cannot hold one checkpoint; before each save every rank checks the free space against the size
@@ -35,12 +42,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import ConfigError
 from . import dist as pdist
 from .logger import log
 
 _TAG = re.compile(r"^step_(\d{8})$")
 BYTES_PER_PARAM = 16  # fp32 master + Adam's two moments + the 16/32-bit module weights, rounded up
 SPACE_MARGIN = 1.1
+_WARNED: set = set()  # damaged folders already reported by this process
 
 
 class CheckpointError(RuntimeError):
@@ -78,6 +87,78 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class UnsafeCheckpoint(ConfigError):
+    """A checkpoint file holds Python objects outside the allow-list; it was not loaded."""
+
+
+def _allowed_globals() -> list[Any]:
+    """What this project's checkpoint files hold besides tensors and plain containers: numpy's
+    RNG state (arrays) and DeepSpeed's small records (loss scaler, ZeRO stage, fragment address)."""
+    core = getattr(np, "_core", None) or np.core
+    allowed: list[Any] = [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    allowed += [type(np.dtype(t)) for t in ("uint32", "float32", "int64")]  # numpy >= 1.25 dtype classes
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed += [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    except ImportError:
+        pass
+    return allowed
+
+
+def safe_load(path: str | Path, *, mmap: bool = False) -> Any:
+    """``torch.load`` of a file this project (or DeepSpeed) wrote, without running code from it:
+    ``weights_only=True`` with :func:`_allowed_globals`; anything else raises
+    :class:`UnsafeCheckpoint` naming the file and the offending type."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise UnsafeCheckpoint(f"{path} holds objects a checkpoint of this project never contains ({first[:200]}); "
+                               f"refusing to load it, since unpickling it could run code. Use checkpoints written "
+                               f"by peco-scale, or a .safetensors file") from None
+
+
+def verify_pickles(folder: Path) -> None:
+    """Read every ``.pt`` under ``folder`` with :func:`safe_load` (memory-mapped, so tensors are
+    not read): after this, handing the folder to DeepSpeed's own loaders runs no foreign code."""
+    for path in sorted(folder.rglob("*.pt")):
+        try:
+            safe_load(path, mmap=True)
+        except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
+            safe_load(path)
+
+
+def _manifest(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "COMPLETE"}
+
+
+def verify_folder(folder: Path) -> str:
+    """'' when ``folder`` is complete and every file COMPLETE lists is there with its size, else
+    what is wrong. A marker of an older version (the step alone) lists nothing and passes."""
+    marker = folder / "COMPLETE"
+    if not marker.is_file():
+        return "no COMPLETE marker"
+    try:
+        listed = json.loads(marker.read_text()).get("files", {})
+    except (ValueError, AttributeError):
+        return ""
+    for name, size in listed.items():
+        f = folder / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    return ""
+
+
 def complete_tags(root: Path) -> list[str]:
     """Names of complete checkpoint folders, oldest first."""
     if not root.is_dir():
@@ -87,22 +168,29 @@ def complete_tags(root: Path) -> list[str]:
 
 
 def find_resume(root: Path) -> Path | None:
-    """The newest complete checkpoint: ``latest`` if it names a complete one, else a scan."""
+    """The newest complete checkpoint whose files all verify (:func:`verify_folder`): ``latest``
+    if it names one, else the newest such folder; a damaged one is skipped with a warning."""
     latest = root / "latest"
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        if (root / tag / "COMPLETE").is_file():
-            return root / tag
-        log.warning("checkpoint %s named by %s is incomplete; scanning for the newest complete one", tag, latest)
+    named = latest.read_text().strip() if latest.is_file() else None
+    if named is not None and not (root / named / "COMPLETE").is_file():
+        log.warning("checkpoint %s named by %s is incomplete; scanning for the newest complete one", named, latest)
     tags = complete_tags(root)
-    return root / tags[-1] if tags else None
+    if named in tags:  # normally the newest; try it first
+        tags = [t for t in tags if t != named] + [named]
+    for tag in reversed(tags):
+        problem = verify_folder(root / tag)
+        if not problem:
+            return root / tag
+        if (root / tag, problem) not in _WARNED:
+            _WARNED.add((root / tag, problem))
+            log.warning("checkpoint %s is damaged (%s); falling back to the previous complete checkpoint",
+                        root / tag, problem)
+    return None
 
 
 def check_writable(root: Path, what: str = "--train.output_dir") -> None:
     """Create ``root`` and write, sync and remove a probe file in it: an unwritable or read-only
     output folder is one line at start, not an error at the first checkpoint hours later."""
-    from ..config import ConfigError
-
     probe = root / f".write_probe.{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -125,8 +213,6 @@ class CheckpointManager:
     def check_output(self, n_params: int, device) -> None:
         """At start, on every rank (collective): the checkpoint folder is writable and has room for
         one checkpoint of ``n_params`` parameters (or of the newest complete one's measured size)."""
-        from ..config import ConfigError
-
         self.device = device
         check_writable(self.root)
         latest = find_resume(self.root)
@@ -175,7 +261,7 @@ class CheckpointManager:
             pdist.barrier()
             if rank == 0:
                 _atomic_write_text(folder / "state.json", json.dumps({"step": step, **state}, indent=1))
-                _atomic_write_text(folder / "COMPLETE", f"{step}\n")
+                _atomic_write_text(folder / "COMPLETE", json.dumps({"step": step, "files": _manifest(folder)}))
                 _atomic_write_text(self.root / "latest", tag + "\n")
                 self._prune(keep=tag)
             pdist.barrier()
@@ -202,7 +288,9 @@ class CheckpointManager:
                     shutil.rmtree(p, ignore_errors=True)
 
     def load(self, folder: Path, engines: dict[str, Any]) -> dict[str, Any]:
-        """Load engines and this rank's RNG from ``folder``; returns the saved state dict."""
+        """Load engines and this rank's RNG from ``folder``; returns the saved state dict. Every
+        pickle in the folder is checked by :func:`verify_pickles` before DeepSpeed reads it."""
+        verify_pickles(folder)
         state = json.loads((folder / "state.json").read_text())
         for name, engine in engines.items():
             path, _ = engine.load_checkpoint(str(folder), tag=name, load_optimizer_states=True,
@@ -211,7 +299,7 @@ class CheckpointManager:
                 raise RuntimeError(f"checkpoint {folder} has no '{name}' engine state; it was written by a different set-up")
         rng_file = folder / f"rng_rank{pdist.rank()}.pt"
         if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(safe_load(rng_file))
         else:
             log.warning("no RNG state for rank %d in %s (world size changed?); continuing with fresh RNG",
                         pdist.rank(), folder)
@@ -221,4 +309,53 @@ class CheckpointManager:
     def load_rank_state(folder: Path, name: str) -> Any:
         """This rank's ``rank_state[name]`` saved in ``folder`` (None when absent)."""
         path = folder / f"{name}_rank{pdist.rank()}.pt"
-        return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+        return safe_load(path) if path.is_file() else None
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run>/.lock`` held by rank 0 for the whole run, so a second run
+    into the same folder refuses to start instead of overwriting checkpoints and interleaving
+    metrics. The kernel drops the lock when the process ends however it ends (crash, kill,
+    preemption, SLURM requeue), so it is never left stuck; the file itself only says who held it."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> str:
+        """'' when this process now holds the lock, else who holds it."""
+        import fcntl
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            return holder
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self.fd = fd
+        return ""
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+
+def lock_run_folder(run_dir: Path, device) -> RunLock:
+    """Rank 0 takes :class:`RunLock`; all ranks learn the outcome (one all-reduce) and, if another
+    run holds the folder, raise the same one-line error together."""
+    lock = RunLock(run_dir)
+    holder = lock.acquire() if pdist.rank() == 0 else ""
+    if pdist.all_reduce_sum([float(bool(holder))], device)[0] > 0:
+        holder = pdist.broadcast_object(holder)
+        err = ConfigError(f"{run_dir} is in use by another run ({holder}); wait for it to end, or choose another "
+                          f"--train.output_dir")
+        err.all_ranks = True  # agreed: printed once
+        raise err
+    return lock
+

@@ -1,11 +1,10 @@
-"""Pieces every training loop shares: the lr schedule, the non-finite stops, windowed means.
+"""Pieces the trainer uses: the non-finite stops, windowed means, the optimizer-step iterator.
 
 The per-step non-finite-loss check lives in ``preempt.StopFlag.check``, which shares its
 all-reduce with the stop-signal agreement."""
 
 from __future__ import annotations
 
-import math
 import resource
 import time
 
@@ -18,31 +17,6 @@ class NonFiniteLoss(RuntimeError):
     """The loss went NaN/inf on some rank; all ranks raise it together."""
 
     all_ranks = True  # agreed in a collective: the entry point prints it once
-
-
-def lr_at(step: int, base: float, *, warmup: int, total: int, schedule: str = "cosine", floor: float = 0.0) -> float:
-    """Linear warm-up over ``warmup`` steps to ``base``, then constant or cosine down to ``floor``."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    if schedule == "constant":
-        return base
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def step_schedule(batches_per_epoch: int, grad_accum: int, global_batch: int, train, optim,
-                  data_path: str) -> tuple[int, int, int, float]:
-    """(steps per epoch, total steps, warm-up steps, lr at this global batch) of a run's
-    ``train``/``optim`` config sections; a dataset too small for one optimizer step is one line."""
-    from ..config import ConfigError
-
-    steps_per_epoch = batches_per_epoch // grad_accum
-    if steps_per_epoch == 0:
-        raise ConfigError(f"{data_path} gives {batches_per_epoch} micro-batches per rank, fewer than the "
-                          f"{grad_accum} accumulation steps of one optimizer step; lower the batch size")
-    total = train.max_steps if train.max_steps > 0 else train.epochs * steps_per_epoch
-    warmup = optim.warmup_steps if optim.warmup_steps >= 0 else int(round(optim.warmup_epochs * steps_per_epoch))
-    return steps_per_epoch, total, warmup, optim.lr * global_batch / optim.base_batch
 
 
 def autocast(device: torch.device, precision: str):
@@ -113,14 +87,17 @@ class Window:
 
 
 def progress_row(window: Window, device: torch.device, *, step: int, epoch: int, skipped: float, lr: float,
-                 grad_norm, flops_per_image: float) -> dict:
+                 grad_norm, flops_per_image: float | None) -> dict:
     """A metrics row for the steps since the last one (means over steps and ranks, images/s,
-    TFLOP/s per rank, peak memory); starts the next window."""
+    TFLOP/s per rank when ``flops_per_image`` is known, peak memory); starts the next window."""
     means = window.means(device, {"skipped_images": skipped})
     ips = window.images / window.elapsed()
     window.reset()
-    return {"step": step, "epoch": epoch, **means, "lr": lr, "grad_norm": grad_norm, "images_per_s": ips,
-            "tflops_per_gpu": flops_per_image * ips / pdist.world_size() / 1e12, "mem_gb": peak_memory_gb(device)}
+    row = {"step": step, "epoch": epoch, **means, "lr": lr, "grad_norm": grad_norm, "images_per_s": ips}
+    if flops_per_image is not None:
+        row["tflops_per_gpu"] = flops_per_image * ips / pdist.world_size() / 1e12
+    row["mem_gb"] = peak_memory_gb(device)
+    return row
 
 
 def stop_if_weights_nonfinite(module: torch.nn.Module, step: int, ckpt_root, device: torch.device) -> None:

@@ -51,7 +51,26 @@ def init_distributed() -> tuple[int, int, torch.device]:
         backend = "gloo"
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        if device.type == "cpu":
+            _unlink_shm_buffer()
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _unlink_shm_buffer() -> None:
+    """Remove this rank's shared-memory all-reduce buffer file as soon as every rank has mapped it.
+
+    DeepSpeed's CPU accelerator creates ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``
+    (about 66 MiB per rank) while the process group starts, maps every peer's, and never unlinks
+    them: each finished run left its files in RAM. The mappings stay valid after the unlink, so
+    removing the name right after start-up leaks nothing however the run ends (even SIGKILL)."""
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    if dist.get_world_size() > 1:
+        dist.barrier()  # every peer has opened this rank's buffer (shm_initialize returns after that)
+    try:
+        os.unlink(name)
+    except FileNotFoundError:
+        pass
 
 
 def shutdown_distributed() -> None:

@@ -165,7 +165,7 @@ class EMAVectorQuantizer(nn.Module):
     def init_pool(self) -> list[torch.Tensor]:
         """Vectors gathered so far for the k-means init (identical on every rank; empty once the
         codebook is initialised). Not a buffer: its size varies. Checkpoints written before the
-        init save it beside the model (``engine/stage1``), so a resume there repeats the
+        init save it beside the model (``train/tokenizer``), so a resume there repeats the
         uninterrupted run exactly."""
         return self._init_pool
 

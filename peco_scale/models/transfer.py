@@ -5,24 +5,14 @@ tokens, then ``fc_norm``; the final per-token ``norm`` is an identity), as BEiT/
 Its state dict is timm's, so a fine-tuned model exports to ``timm.create_model(name,
 num_classes=N, global_pool="avg")`` with ``strict=True``.
 
-Pretrained weights come from (in timm's layout, see :func:`load_pretrained`):
-
-- a stage-2 run (its folder, ``checkpoints/`` or a ``step_XXXXXXXX`` folder): the ZeRO checkpoint
-  is consolidated (fp32 master weights); layer-scale gammas are kept;
-- an export of ``python -m peco_scale.export`` (``backbone.safetensors``; gammas folded);
-- a timm checkpoint file (``.safetensors``, ``.pth``/``.pt``/``.bin``; a ``model``,
-  ``state_dict`` or ``module`` entry is unwrapped).
-
-The pretrained ``norm``, ``head`` and ``mask_token`` are dropped (the head and ``fc_norm`` start
+Pretrained weights are read by ``peco_scale.engine.weights.load_pretrained``. The pretrained ``norm``, ``head`` and ``mask_token`` are dropped (the head and ``fc_norm`` start
 fresh, as in BEiT/MAE); position embeddings are resized bicubically when the grid differs.
 Anything else that does not fit the chosen architecture is one error line listing the keys.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,62 +54,6 @@ def classifier_timm_spec(name: str, img_size: int, num_classes: int, layer_scale
     if layer_scale:
         kwargs["init_values"] = layer_scale
     return timm_name, kwargs
-
-
-# ----------------------------------------------------------------------------- pretrained weights
-
-
-def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
-    for key in ("model", "state_dict", "module"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            return _unwrap(obj[key])
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ConfigError("the checkpoint file holds no tensor state dict (looked at the top level and under "
-                          "'model', 'state_dict', 'module')")
-    return obj
-
-
-def load_pretrained(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """State dict in timm's layout + info (``kind``, and ``preset``/``img_size`` when known)."""
-    from ..export import FORMAT, _checkpoint_folder, consolidate
-
-    path = Path(source)
-    if not path.exists():
-        raise ConfigError(f"pretrained weights '{source}' do not exist; pass a stage-2 run folder, an exported "
-                          f"backbone.safetensors or a timm checkpoint file")
-    if path.is_dir():
-        folder = _checkpoint_folder(path)
-        state = json.loads((folder / "state.json").read_text())
-        if "model" not in state:
-            raise ConfigError(f"checkpoint {folder} is not a stage-2 (pretrain) or fine-tune checkpoint")
-        full = consolidate(folder)
-        if state.get("kind") == "finetune":
-            sd = full
-        else:
-            sd = {k[len("backbone."):]: v for k, v in full.items() if k.startswith("backbone.")}
-            sd = export_timm_state_dict(sd, fold_layer_scale=False)
-        return sd, {"kind": state.get("kind", "pretrain"), "preset": state["model"]["name"],
-                    "img_size": int(state["model"]["img_size"]), "source": str(folder)}
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-        if meta.get("format") == FORMAT:
-            return sd, {"kind": "export", "preset": meta.get("preset"), "source": str(path)}
-        return sd, {"kind": "timm", "source": str(path)}
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ConfigError(f"cannot read '{source}' as a torch checkpoint ({type(exc).__name__}: {exc}); pass a "
-                          f".safetensors/.pth file with a ViT state dict") from None
-    try:
-        sd = _unwrap(obj)
-    except ConfigError as exc:
-        raise ConfigError(f"'{source}': {exc}") from None
-    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()}, {"kind": "timm",
-                                                                                              "source": str(path)}
 
 
 def has_layer_scale(sd: dict[str, torch.Tensor]) -> bool:
@@ -188,4 +122,4 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float
 
 
 __all__ = ["adapt_state_dict", "build_classifier", "classifier_timm_spec", "default_drop_path", "default_layer_decay",
-           "has_layer_scale", "layer_decay_groups", "layer_id", "load_pretrained"]
+           "has_layer_scale", "layer_decay_groups", "layer_id"]

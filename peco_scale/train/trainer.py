@@ -1,0 +1,300 @@
+"""The one training loop under every stage: set-up, the step loop and the save cadence.
+
+A stage (tokenizer, pretrain, finetune, ...) is a :class:`Stage`: it says what it builds, what one
+micro-step computes and what extra state it keeps; :class:`Trainer` does the rest, in the same
+order for every stage:
+
+1. the stage's cheap checks and its loader (a missing dataset is one line before any process
+   group exists); resume discovery and the stage's compatibility check; the output folder probed;
+2. the process group; ``config.json``; the step schedule;
+3. models built under one seed (identical on every rank), then per-rank seeds, then the
+   DeepSpeed engines; the checkpoint folder's space checked;
+4. resume (engines, RNG, the stage's extra state); metrics.jsonl (and wandb) from there;
+5. the loop: lr, ``grad_accum`` micro-steps, the agreed stop/non-finite check, a metrics row every
+   ``train.log_every`` steps, the stage's evaluation, checkpoints by :meth:`Trainer.maybe_save`;
+6. on a stop signal: a checkpoint, then :class:`~peco_scale.engine.preempt.Interrupted` (exit 75).
+
+Exact resume: the data position is a function of the step (``optimizer_steps``) and each rank's
+RNG is saved in every checkpoint, so a resumed run reproduces the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigError, to_dict
+from ..engine import dist as pdist
+from ..engine import preempt
+from ..engine.checkpoint import CheckpointManager, check_writable, find_resume, lock_run_folder
+from ..engine.common import Window, optimizer_steps, progress_row, stop_if_weights_nonfinite
+from ..engine.logger import MetricsLogger, log
+from ..engine.preempt import Interrupted
+
+
+@dataclass
+class Schedule:
+    """Steps and learning rate of a run: linear warm-up to ``base_lr``, then constant or cosine
+    down to ``floor``."""
+
+    steps_per_epoch: int
+    total: int
+    warmup: int
+    base_lr: float
+    floor: float = 0.0
+    kind: str = "cosine"
+
+    def lr(self, step: int) -> float:
+        if step < self.warmup:
+            return self.base_lr * (step + 1) / self.warmup
+        if self.kind == "constant":
+            return self.base_lr
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.floor + (self.base_lr - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def schedule_from(batches_per_epoch: int, grad_accum: int, global_batch: int, train, optim, data_path: str, *,
+                  base_lr: float, floor: float, kind: str = "cosine", warmup: int | None = None) -> Schedule:
+    """Steps per epoch and in total from ``train.max_steps``/``train.epochs``; warm-up from
+    ``warmup`` or ``optim.warmup_steps``/``optim.warmup_epochs``. A dataset too small for one
+    optimizer step is one line."""
+    steps_per_epoch = batches_per_epoch // grad_accum
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{data_path} gives {batches_per_epoch} micro-batches per rank, fewer than the "
+                          f"{grad_accum} accumulation steps of one optimizer step; lower the batch size")
+    total = train.max_steps if train.max_steps > 0 else train.epochs * steps_per_epoch
+    if warmup is None:
+        warmup = optim.warmup_steps if optim.warmup_steps >= 0 else int(round(optim.warmup_epochs * steps_per_epoch))
+    return Schedule(steps_per_epoch, total, warmup, base_lr, floor, kind)
+
+
+class Stage:
+    """What a stage plugs into the trainer. ``cfg.train`` carries the run control every stage
+    shares (output_dir, resume, seed, max_steps/epochs, log_every, ckpt_every, keep_last, wandb).
+
+    Set by the trainer before :meth:`build`: ``rank``, ``world``, ``device``, ``run_dir``,
+    ``ckpt`` and ``schedule``."""
+
+    name = "stage"
+    grad_accum = 1
+    global_batch = 1
+    flops_per_image: float | None = None  # a row's tflops_per_gpu, when known
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+
+    # -- before the process group --------------------------------------------------------
+    def check(self, world: int) -> None:
+        """Resolve and check the config for ``world`` ranks (cheap; may run twice)."""
+
+    def build_loader(self):
+        raise NotImplementedError
+
+    def check_resume(self, folder: Path, state: dict[str, Any], world: int) -> None:
+        """Refuse a checkpoint this run cannot continue; the world size is checked here by default."""
+        saved_world = state.get("world_size")
+        if saved_world and saved_world != world:
+            raise ConfigError(f"checkpoint {folder} was written by {saved_world} ranks but this run has {world}; ZeRO's "
+                              f"partitioned optimizer state cannot be re-split: resume on {saved_world} ranks, or "
+                              f"convert it to a universal checkpoint with DeepSpeed's ds_to_universal.py first")
+
+    def make_schedule(self, batches_per_epoch: int) -> Schedule:
+        raise NotImplementedError
+
+    # -- models and engines ------------------------------------------------------------------
+    def prepare(self) -> None:
+        """After the process group exists, before the models (e.g. an evaluation loader)."""
+
+    def build_models(self) -> None:
+        """Build the modules; runs under one seed, so they are identical on every rank."""
+        raise NotImplementedError
+
+    def seed_rank(self, seed: int) -> None:
+        """Seed this rank's own randomness (stochastic depth, ...); saved in every checkpoint."""
+        torch.manual_seed(seed)
+
+    def build_engines(self) -> dict[str, Any]:
+        """The DeepSpeed engines; ``"model"`` is the one whose lr the schedule sets."""
+        raise NotImplementedError
+
+    def checkpoint_params(self) -> int:
+        """Parameters a checkpoint holds (for the free-space check)."""
+        return sum(p.numel() for e in self.engines.values() for p in e.module.parameters())
+
+    def describe(self) -> str:
+        return ""
+
+    # -- the loop --------------------------------------------------------------------------------
+    def micro_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        """Forward, backward and engine step of one micro-batch; returns detached scalars
+        (``loss`` among them), averaged over the accumulation by the trainer."""
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """After each optimizer step (e.g. an EMA update)."""
+
+    def finish_row(self, row: dict[str, Any], step_values: dict[str, float]) -> dict[str, Any]:
+        """Add to or adjust a progress row (collective: every rank calls it)."""
+        return row
+
+    def evaluate(self, step: int, stopping: bool) -> tuple[dict[str, Any] | None, bool]:
+        """(a metrics row, whether it is a new best) when the stage evaluates at ``step``."""
+        return None, False
+
+    # -- state ------------------------------------------------------------------------------------
+    def client_state(self) -> dict[str, Any]:
+        """Saved in ``state.json`` beside the trainer's own entries."""
+        return {}
+
+    def rank_state(self) -> dict[str, Any] | None:
+        """Per-rank objects saved as ``<name>_rank<r>.pt``."""
+        return None
+
+    def load_state(self, saved: dict[str, Any], folder: Path) -> None:
+        """Restore what :meth:`client_state`/:meth:`rank_state` saved."""
+
+    def after_save(self, folder: Path, step: int) -> None:
+        """After a checkpoint is published (collective)."""
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """After the last step of a run that was not interrupted (collective)."""
+        return summary
+
+
+class Trainer:
+    def __init__(self, stage: Stage) -> None:
+        self.stage = stage
+        self.train = stage.cfg.train
+
+    # -- set-up ----------------------------------------------------------------------------
+    def _discover_resume(self, ckpt: CheckpointManager, world: int) -> Path | None:
+        t = self.train
+        if not t.resume:
+            return None
+        folder = find_resume(ckpt.root) if t.resume == "auto" else Path(t.resume)
+        if folder is not None:
+            self.stage.check_resume(folder, json.loads((folder / "state.json").read_text()), world)
+        return folder
+
+    def setup(self) -> None:
+        s, t = self.stage, self.train
+        import os
+
+        env_world = int(os.environ.get("WORLD_SIZE", "1"))
+        s.check(env_world)
+        s.loader = s.build_loader()  # fails fast on a missing/empty dataset, before the process group starts
+        s.run_dir = Path(t.output_dir)
+        s.ckpt = self.ckpt = CheckpointManager(s.run_dir / "checkpoints", keep_last=t.keep_last)
+        self.resume_from = self._discover_resume(self.ckpt, env_world)
+        check_writable(s.run_dir)
+        s.rank, s.world, s.device = pdist.init_distributed()
+        self.lock = lock_run_folder(s.run_dir, s.device)  # a second run into this folder stops here
+        if s.world != env_world:
+            s.check(s.world)
+        s.prepare()
+        if s.rank == 0:
+            s.run_dir.mkdir(parents=True, exist_ok=True)
+            (s.run_dir / "config.json").write_text(json.dumps(to_dict(s.cfg), indent=1))
+        s.schedule = self.schedule = s.make_schedule(s.loader.batches_per_epoch)
+        log.info("data: %s backend on %s; %d steps/epoch at global batch %d (%d accumulation x %d ranks), %d steps",
+                 s.cfg.data.backend, s.cfg.data.path, self.schedule.steps_per_epoch, s.global_batch, s.grad_accum,
+                 s.world, self.schedule.total)
+
+        torch.manual_seed(t.seed)  # identical init on every rank
+        s.build_models()
+        s.seed_rank(t.seed + s.rank)
+        s.engines = self.engines = s.build_engines()
+        self.ckpt.check_output(s.checkpoint_params(), s.device)
+        text = s.describe()
+        if text:
+            log.info("%s", text)
+
+        self.start_step, wandb_id = 0, None
+        if self.resume_from is not None:
+            saved = self.ckpt.load(self.resume_from, self.engines)
+            s.load_state(saved, self.resume_from)
+            self.start_step, wandb_id = saved["step"], saved.get("wandb_id")
+            log.info("resumed from %s at step %d", self.resume_from, self.start_step)
+        elif t.resume:
+            log.info("resume=auto: no complete checkpoint in %s, starting fresh", self.ckpt.root)
+        wandb_cfg = None
+        if t.wandb:
+            wandb_cfg = {"project": t.wandb_project, "dir": str(s.run_dir), "config": to_dict(s.cfg),
+                         "name": s.run_dir.name, "id": wandb_id}
+        self.metrics = MetricsLogger(s.run_dir, s.rank, self.schedule.total, self.start_step, wandb_cfg=wandb_cfg)
+        self.metrics.truncate_after(self.start_step)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save(self, step: int) -> None:
+        s = self.stage
+        stop_if_weights_nonfinite(self.engines["model"].module, step, self.ckpt.root, s.device)
+        state = {"config": to_dict(s.cfg), "world_size": s.world, "kind": s.name, **s.client_state(),
+                 "wandb_id": self.metrics.wandb_id}
+        folder = self.ckpt.save(self.engines, step, state, rank_state=s.rank_state())
+        s.after_save(folder, step)
+
+    def maybe_save(self, step: int, last: bool, stopping: bool, improved: bool = False) -> None:
+        """The cadence: every ``train.ckpt_every`` steps, at the last step, on a stop signal, and
+        whenever the evaluation found a new best."""
+        if step % self.train.ckpt_every == 0 or last or stopping or improved:
+            self.save(step)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Train the stage to the end (or to a stop signal); returns its summary. All ranks call it."""
+        self.lock = None
+        try:
+            self.setup()
+            return self._loop()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _loop(self) -> dict[str, Any]:
+        s, t, sched = self.stage, self.train, self.schedule
+        total, device = sched.total, s.device
+        model = self.engines["model"]
+        model.train()
+        step, last, skipped, stopping = self.start_step, {}, 0, None
+        window, stop = Window(), preempt.current()
+        for step, epoch, micro_batches in optimizer_steps(s.loader, self.start_step, total, sched.steps_per_epoch,
+                                                          s.grad_accum):
+            lr = sched.lr(step)
+            for group in model.optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            acc: dict[str, Any] = {}
+            for batch in micro_batches:
+                skipped += batch["skipped"]
+                for k, v in s.micro_step(batch, step).items():  # device tensors: no host sync per micro-step
+                    acc[k] = acc.get(k, 0.0) + v / s.grad_accum
+            s.after_step()
+            values = {k: float(v) for k, v in acc.items()}
+            stopping = stop.check(values["loss"], step + 1, self.ckpt.root, device)
+            step += 1
+            window.add(values, s.global_batch)
+            self.metrics.advance()
+            if step % t.log_every == 0 or step == total or stopping:
+                grad_norm = model.get_global_grad_norm()
+                last = progress_row(window, device, step=step, epoch=epoch, skipped=skipped, lr=lr,
+                                    grad_norm=None if grad_norm is None else float(grad_norm),
+                                    flops_per_image=s.flops_per_image)
+                last = s.finish_row(last, values)
+                self.metrics.log(last)
+            evaluated, improved = s.evaluate(step, bool(stopping))
+            if evaluated is not None:
+                self.metrics.log(evaluated)
+            self.maybe_save(step, step == total, bool(stopping), improved)
+            if stopping:
+                break
+        self.metrics.close(preempted=bool(stopping) and step < total)
+        pdist.barrier()
+        if stopping and step < total:
+            raise Interrupted(stopping, step, total, find_resume(self.ckpt.root))
+        summary = {"final": last, "steps": step, "run_dir": str(s.run_dir), "metrics": str(s.run_dir / "metrics.jsonl"),
+                   "checkpoint": str(find_resume(self.ckpt.root))}
+        return s.finish(summary)

@@ -54,11 +54,12 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from .config import ConfigError
 from .data import DataError, scan_image_folder
 from .data.eval import eval_transform
+from .data.folder import ImageListDataset, collate_readable
 from .export import create_timm_model
 from .models.artifact import load_tokenizer
 from .models.tokenizer import VQTokenizer
@@ -75,44 +76,16 @@ Encoder = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[Image.Image], 
 # ----------------------------------------------------------------------------- features
 
 
-class _Images(Dataset):
-    """(transformed image, label), or None for a file PIL cannot decode."""
-
-    def __init__(self, samples: Samples, transform: Callable[[Image.Image], torch.Tensor]):
-        self.samples, self.transform = samples, transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
-        path, label = self.samples[i]
-        try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")  # forces the full decode: a truncated file raises here
-        except Exception:  # noqa: BLE001 - any decode failure means "skip this file"
-            return None
-        return self.transform(img), label
-
-
-def _collate(items: list[tuple[torch.Tensor, int] | None]) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
-    """(images [B, 3, S, S], labels [B], number of unreadable files); None, None when all were."""
-    good = [it for it in items if it is not None]
-    if not good:
-        return None, None, len(items)
-    images, labels = zip(*good)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), len(items) - len(good)
-
-
 def _extract(encoder: Encoder, samples: Samples, root: str | Path, *, batch_size: int, device: str | torch.device,
              workers: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(fp32 features [N, D] on the CPU, int64 labels [N], skipped) of the readable samples, in order."""
     encode, transform = encoder
     device = torch.device(device)
-    loader = DataLoader(_Images(samples, transform), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate, pin_memory=device.type == "cuda")
+    loader = DataLoader(ImageListDataset(samples, transform), batch_size=batch_size, num_workers=workers,
+                        collate_fn=collate_readable, pin_memory=device.type == "cuda")
     feats, labels, skipped = [], [], 0
     with torch.no_grad():
-        for x, y, bad in loader:
+        for x, y, _, bad in loader:
             skipped += bad
             if x is not None:
                 feats.append(encode(x.to(device)).float().cpu())

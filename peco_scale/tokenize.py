@@ -16,38 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from .data import DataError, scan_image_folder, tokenizer_transform
+from .data.folder import ImageListDataset, collate_readable
 from .models.artifact import load_tokenizer
-
-
-class _Images(Dataset):
-    """Eval-transformed images; None for a file PIL cannot decode."""
-
-    def __init__(self, samples: list[tuple[str, int]], img_size: int):
-        self.samples, self.transform = samples, tokenizer_transform(img_size, train=False)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        path, label = self.samples[i]
-        try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-        except Exception:  # noqa: BLE001 - any decode failure means "skip this file"
-            return None
-        return self.transform(img), label, i
-
-
-def _collate(items):
-    items = [it for it in items if it is not None]
-    if not items:
-        return None
-    images, labels, idx = zip(*items)
-    return torch.stack(images), torch.tensor(labels), torch.tensor(idx)
 
 
 def tokenize_folder(tokenizer: str | Path, data: str | Path, out: str | Path, *, img_size: int | None = None,
@@ -61,13 +34,13 @@ def tokenize_folder(tokenizer: str | Path, data: str | Path, out: str | Path, *,
     if size % f:
         raise DataError(f"--img_size {size} is not divisible by the tokenizer's downsample factor {f}; "
                         f"use {max(f, size // f * f)}")
-    loader = DataLoader(_Images(samples, size), batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    loader = DataLoader(ImageListDataset(samples, tokenizer_transform(size, train=False)), batch_size=batch_size,
+                        num_workers=workers, collate_fn=collate_readable)
     tokens, labels, kept = [], [], []
     with torch.no_grad():
-        for batch in loader:
-            if batch is None:
+        for x, y, idx, _ in loader:
+            if x is None:
                 continue
-            x, y, idx = batch
             tokens.append(model.tokenize(x.to(device)).cpu())
             labels.append(y)
             kept.append(idx)

@@ -1,8 +1,10 @@
-"""The backend interface (peco_scale.data.backends) on the folder backend, and the data benchmark."""
+"""The backend interface (peco_scale.data.backends) on the folder backend, the data benchmark, and
+every image mode decoded alike by the folder, dali and ffcv backends."""
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,3 +69,69 @@ def test_data_bench_runs_and_records(demo_data, tmp_path):
     assert row["images_per_s"] == pytest.approx(24 / row["seconds"])
     assert np.isclose(row["images_per_s_per_core"] * row["cores"], row["images_per_s"])
     assert "images/s per core" in res.stdout
+
+
+# ----------------------------------------------------------------------------- every image mode, every backend
+
+IDENTITY = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, jitter=0.0)  # whole image, same size: no resampling
+
+
+@pytest.fixture(scope="module")
+def mode_folder(tmp_path_factory):
+    """One class folder holding one file per case of test_data_colour.mode_cases."""
+    from test_data_colour import mode_cases
+
+    cases = mode_cases()
+    root = tmp_path_factory.mktemp("modes")
+    (root / "x").mkdir()
+    for name, (data, ext, _, _) in cases.items():
+        (root / "x" / f"{name}.{ext}").write_bytes(data)
+    return root, cases
+
+
+def _check_modes(loader, root, cases):
+    """One batch of the whole folder vs the numpy references, within one 8-bit level."""
+    from peco_scale.data import scan_image_folder
+    from test_data_colour import SIDE
+
+    names = [Path(p).stem for p, _ in scan_image_folder(root)[0]]
+    loader.set_epoch(0)
+    b = next(iter(loader))
+    got = ((b["image"].cpu().double() + 1) * 127.5).permute(0, 2, 3, 1).numpy()  # stage 1: [-1, 1] -> [0, 255]
+    assert got.shape == (len(cases), SIDE, SIDE, 3) and b["skipped"] == 0
+    seen = {}
+    for k, i in enumerate(b["index"].tolist()):
+        seen[names[i]] = float(np.abs(got[k] - cases[names[i]][3]).max())
+    assert set(seen) == set(cases)
+    bad = {n: d for n, d in seen.items() if d > 1.0 + 1e-3}
+    assert not bad, bad
+
+
+def test_every_mode_decodes_right_on_the_folder_backend(mode_folder):
+    root, cases = mode_folder
+    loader = make_loader("folder", root, AugmentSpec(32, "stage1", **IDENTITY), batch_size=len(cases), seed=0)
+    _check_modes(loader, root, cases)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_every_mode_decodes_right_on_the_dali_backend(mode_folder, device):
+    pytest.importorskip("nvidia.dali")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    root, cases = mode_folder
+    loader = make_loader("dali", root, AugmentSpec(32, "stage1", **IDENTITY), batch_size=len(cases), rank=0,
+                         world_size=1, seed=0, workers=1, device=device)
+    _check_modes(loader, root, cases)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # see test_data_ffcv.py
+def test_every_mode_decodes_right_on_the_ffcv_backend(mode_folder, tmp_path):
+    pytest.importorskip("ffcv")
+    from peco_scale.data.ffcv_backend import write_beton
+
+    root, cases = mode_folder
+    beton = tmp_path / "modes.beton"
+    stats = write_beton(root, beton, max_resolution=32, mode="raw", workers=1, progress=False)
+    assert stats["written"] == len(cases) and stats["skipped"] == 0
+    loader = make_loader("ffcv", beton, AugmentSpec(32, "stage1", **IDENTITY), batch_size=len(cases), seed=0)
+    _check_modes(loader, root, cases)

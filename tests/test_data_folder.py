@@ -117,9 +117,12 @@ def test_corrupt_images_are_skipped_deterministically(tmp_path: Path) -> None:
 def test_all_corrupt_raises(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.png").write_bytes(b"garbage")
-    ds = ImageFolderDataset(tmp_path, None)
-    with pytest.raises(DataError, match="could be decoded"):
-        ds[0]
+    (tmp_path / "a" / "y.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    with pytest.raises(DataError, match="could be decoded") as err:  # at construction, not in a worker
+        ImageFolderDataset(tmp_path, None)
+    msg = str(err.value)
+    assert f"none of the 2 images under '{tmp_path}'" in msg and "point --data elsewhere" in msg
+    assert "\n" not in msg
 
 
 def test_corrupt_last_file_wraps_around(tmp_path: Path) -> None:

@@ -111,7 +111,9 @@ class FolderLoader(ShardedPosition):
                                   worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(seed))
 
     def __iter__(self):
-        for batch in self._loader:
+        from .folder import iterate_loader
+
+        for batch in iterate_loader(self._loader):
             views = batch.pop("image")
             out = dict(views) if isinstance(views, dict) else {"image": views}
             out = {k: v.to(self.device, non_blocking=True) for k, v in out.items()}

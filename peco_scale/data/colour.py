@@ -1,4 +1,12 @@
-"""Flip + colour jitter + normalisation of uint8 crops, shared by the ffcv and dali backends.
+"""Decoding to 8-bit RGB (every backend), and flip + colour jitter + normalisation of uint8 crops,
+shared by the ffcv and dali backends.
+
+:func:`to_rgb` turns an image of any PIL mode into 8-bit RGB. PIL's own ``convert("RGB")``
+clips the wide single-channel modes instead of scaling them (a 16-bit image becomes white, a
+float one black), so those are scaled here: integer modes (``I;16*``, ``I``) on the 16-bit scale
+``round(v * 255 / 65535)``, ``F`` on ``[0, 1]`` (``round(v * 255)``), out-of-range values clipped.
+These are the values DALI's decoder gives for 16-bit PNG/TIFF and float TIFF. PIL opens 16-bit
+RGB(A) and grey+alpha PNGs as 8-bit RGB(A) already (high byte, within one level of that rounding).
 
 The jitter is torchvision's ``ColorJitter(brightness=j, contrast=j, saturation=j)`` without hue,
 tensor formulas: each factor ~ U[max(0, 1-j), 1+j], the three ops in a per-sample random order,
@@ -18,8 +26,23 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
-__all__ = ["color_jitter", "draw_flip_jitter", "flip_jitter_normalize", "flip_jitter_normalize_views"]
+__all__ = ["WIDE_MODES", "color_jitter", "draw_flip_jitter", "flip_jitter_normalize", "flip_jitter_normalize_views",
+           "to_rgb"]
+
+WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")  # single channel, more than 8 bits
+_INT_FULL_SCALE = 65535.0
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image -> mode RGB, 8 bits per channel (decodes it fully; see the module doc)."""
+    if img.mode not in WIDE_MODES:
+        return img.convert("RGB")
+    arr = np.asarray(img).astype(np.float64)
+    scale = 255.0 if img.mode == "F" else 255.0 / _INT_FULL_SCALE
+    grey = np.clip(np.rint(np.nan_to_num(arr * scale, nan=0.0)), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2)))
 
 
 def draw_flip_jitter(rng: np.random.Generator, hflip: float, jitter: float) -> tuple[bool, np.ndarray, np.ndarray]:

@@ -52,6 +52,11 @@ Design (see also ``backends.py`` for the batch contract):
   (catches corrupt entropy-coded data too, at roughly twice the CPU cost). Formats other than
   JPEG/PNG are always fully decoded by the check. Each file is checked once per process (the
   result -- its size, or "unreadable" -- is cached by dataset index); later epochs only read it.
+
+- **Image modes.** Files DALI decodes as PIL + ``colour.to_rgb`` do (``_DALI_NATIVE``: JPEG, PNG
+  incl. 16-bit, BMP, WebP, most TIFF modes incl. 16-bit and float) go to DALI as they are; the
+  rest (TIFF 1-bit, 32-bit/signed int, LA, PA, LAB) are decoded with PIL in the callback and
+  handed to DALI as 8-bit RGB PNGs, every time they are read.
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ import torch
 from PIL import Image
 
 from .backends import TASKS, AugmentSpec, ShardedPosition
-from .colour import draw_flip_jitter, flip_jitter_normalize_views
+from .colour import draw_flip_jitter, flip_jitter_normalize_views, to_rgb
 from .folder import DataError, ShardedSampler, _sample_seeds, _splitmix64, resolve_image_root, scan_image_folder
 from .masking import BlockMaskGenerator
 from .mim import IMAGENET_MEAN, IMAGENET_STD
@@ -114,19 +119,44 @@ def crop_window(rng: np.random.Generator, width: int, height: int, scale: tuple[
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def _check_bytes(data: bytes, full: bool) -> tuple[int, int]:
-    """Raise if the encoded image looks unreadable; return its (width, height)."""
+# PIL (format, mode)s whose bytes go to DALI as they are: DALI's CPU decoder gives what PIL +
+# colour.to_rgb give, within one level (16-bit PNG/TIFF, float TIFF included). Checked with DALI 2.4:
+# it fails on TIFF modes 1 and I (32-bit or signed 16-bit), and decodes TIFF LA, PA and LAB to other
+# colours. Every other file is decoded with PIL + to_rgb and handed to DALI as an 8-bit RGB PNG.
+_DALI_NATIVE: dict[str, frozenset[str]] = {
+    "JPEG": frozenset({"L", "RGB", "CMYK"}),
+    "MPO": frozenset({"L", "RGB", "CMYK"}),
+    "PNG": frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}),
+    "BMP": frozenset({"1", "L", "P", "RGB"}),
+    "WEBP": frozenset({"RGB", "RGBA"}),
+    "TIFF": frozenset({"L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "I;16", "I;16B", "F"}),
+}
+
+
+def _check_bytes(data: bytes, full: bool) -> tuple[tuple[int, int], bool]:
+    """Raise if the encoded image looks unreadable; return its ((width, height), native): native
+    when DALI decodes these bytes as PIL + ``to_rgb`` would (see ``_DALI_NATIVE``)."""
     with Image.open(io.BytesIO(data)) as img:
         fmt, size = img.format, img.size
+        native = img.mode in _DALI_NATIVE.get(fmt, ())
         if full or fmt not in ("JPEG", "PNG", "MPO"):
             img.load()  # full decode: truncation / corrupt data raise here
-            return size
+            return size, native
     if fmt in ("JPEG", "MPO"):
         if data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
             raise OSError("truncated JPEG (no end-of-image marker after the last scan)")
     elif b"IEND" not in data[-32:]:
         raise OSError("truncated PNG (no IEND chunk at the end)")
-    return size
+    return size, native
+
+
+def _as_rgb_png(data: bytes) -> bytes:
+    """The image decoded with PIL + ``to_rgb``, re-encoded as an 8-bit RGB PNG (lossless)."""
+    with Image.open(io.BytesIO(data)) as img:
+        rgb = to_rgb(img)
+    out = io.BytesIO()
+    rgb.save(out, "PNG", compress_level=1)
+    return out.getvalue()
 
 
 class DALILoader(ShardedPosition):
@@ -177,7 +207,8 @@ class DALILoader(ShardedPosition):
         self.sampler = ShardedSampler(len(self.samples), rank=rank, world_size=world_size,
                                       batch_size=batch_size, seed=seed)
         self._bad: set[int] = set()  # indices whose file failed the check (cached per process)
-        self._sizes: dict[int, tuple[int, int]] = {}
+        self._sizes: dict[int, tuple[tuple[int, int], bool]] = {}  # ((w, h), DALI decodes it natively)
+        self._read(0)  # DataError here, before any pipeline or process group, when no file is readable
 
     # ------------------------------------------------------------------ BatchLoader protocol
     # (batches_per_epoch, epoch, set_epoch, set_start_batch, __len__: ShardedPosition)
@@ -214,10 +245,11 @@ class DALILoader(ShardedPosition):
             try:
                 with open(path, "rb") as f:
                     data = f.read()
-                size = self._sizes.get(j)
-                if size is None:  # check each file once per process (then only its size is needed)
-                    size = self._sizes[j] = _check_bytes(data, self.verify == "full")
-                return j, data, size
+                checked = self._sizes.get(j)
+                if checked is None:  # check each file once per process (then only its size is needed)
+                    checked = self._sizes[j] = _check_bytes(data, self.verify == "full")
+                size, native = checked
+                return j, (data if native else _as_rgb_png(data)), size
             except Exception as exc:  # noqa: BLE001 - any failure means "skip this file"
                 self._bad.add(j)
                 log.warning("skipping unreadable image %s (%s: %s)", path, type(exc).__name__, exc)

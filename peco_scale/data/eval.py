@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..engine.preempt import ignore_stop_signals
-from .folder import ImageFolderDataset
+from .folder import ImageFolderDataset, iterate_loader
 from .mim import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -50,7 +50,7 @@ class EvalLoader:
         return len(self.indices) // self.batch_size
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for b, batch in enumerate(self._loader):
+        for b, batch in enumerate(iterate_loader(self._loader)):
             valid = self.valid[b * self.batch_size:(b + 1) * self.batch_size]
             yield {"image": batch["image"].to(self.device, non_blocking=True), "label": batch["label"].to(self.device),
                    "valid": valid.to(self.device), "skipped": int(batch["skipped"][valid].sum())}

@@ -60,6 +60,7 @@ import logging
 import os
 import queue
 import shutil
+import sys
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -73,7 +74,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .backends import TASKS, AugmentSpec, ShardedPosition
-from .colour import draw_flip_jitter, flip_jitter_normalize
+from .colour import draw_flip_jitter, flip_jitter_normalize, to_rgb
 from .folder import DataError, ShardedSampler, _sample_seeds, _splitmix64_np, scan_image_folder
 from .masking import BlockMaskGenerator
 from .mim import IMAGENET_MEAN, IMAGENET_STD
@@ -128,7 +129,7 @@ def _encode_one(path: str, max_resolution: int, mode: str, quality: int) -> tupl
 
     try:
         with Image.open(path) as img:
-            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)  # full decode: truncation raises here
+            arr = np.asarray(to_rgb(img), dtype=np.uint8)  # full decode: truncation raises here
     except Exception as exc:  # noqa: BLE001 - any failure means "skip this file"
         return None, 0, 0, f"{type(exc).__name__}: {exc}"
     arr = np.ascontiguousarray(resizer(arr, int(max_resolution)))
@@ -694,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         s = write_beton(a.root, a.out, max_resolution=a.max_resolution, jpeg_quality=a.jpeg_quality,
                         mode=a.mode, workers=a.workers)
     except DataError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {s['written']} images ({s['skipped']} unreadable skipped, {len(s['classes'])} classes) "
           f"to {s['path']}")

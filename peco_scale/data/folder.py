@@ -20,8 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
+
+from .colour import to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +184,11 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- dataset
 
 
-def _load_rgb(path: str) -> Image.Image:
-    """Decode fully (so truncation raises here, not later) and convert to RGB."""
+def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
+    """Decode fully (so truncation raises here, not later) and convert to 8-bit RGB
+    (``colour.to_rgb``: 16-bit and float images are scaled, not clipped)."""
     with Image.open(path) as img:
-        return img.convert("RGB")  # convert() forces load(); a truncated file raises OSError
+        return to_rgb(img)  # forces load(); a truncated file raises OSError
 
 
 class ImageFolderDataset(Dataset):
@@ -198,6 +201,7 @@ class ImageFolderDataset(Dataset):
     ``len`` never changes. ``skipped`` is 1 when the file at ``i`` itself was unreadable, else
     0, so summing it over one full pass counts the corrupt files exactly (a run of k adjacent
     corrupt files still adds k, not k + (k-1) + ...). ``index`` is always the requested i.
+    A tree in which no file decodes raises DataError at construction.
     """
 
     def __init__(self, root: str | os.PathLike[str],
@@ -208,6 +212,9 @@ class ImageFolderDataset(Dataset):
         # Kept for reproducibility bookkeeping; per-sample seeds come from ShardedSampler.
         self.seed = seed
         self._bad: set[int] = set()  # per-process cache so corrupt files are decoded once
+        # A folder with no decodable file fails here, in the constructing process, before any
+        # DataLoader worker or process group exists (normally one decode: the first file).
+        self._first_readable(0)
 
     @property
     def targets(self) -> list[int]:
@@ -223,7 +230,7 @@ class ImageFolderDataset(Dataset):
             if j in self._bad:
                 continue
             try:
-                return j, _load_rgb(self.samples[j][0])
+                return j, load_rgb(self.samples[j][0])
             except Exception as exc:  # noqa: BLE001 - any decode failure means "skip this file"
                 self._bad.add(j)
                 log.warning("skipping unreadable image %s (%s: %s)", self.samples[j][0],
@@ -250,6 +257,63 @@ class ImageFolderDataset(Dataset):
             with _SeededRng(seed):
                 out = self.transform(img)
         return {"image": out, "label": label, "index": index, "skipped": int(j != index)}
+
+
+class ImageListDataset(Dataset):
+    """``(transform(image), label, i)`` for each ``(path, label)`` of a list, or None when the file
+    does not decode (tools that read every image once: tokenize, probe). Batch with
+    :func:`collate_readable`, which drops the Nones and counts them."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable[[Image.Image], torch.Tensor]):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int] | None:
+        path, label = self.samples[i]
+        try:
+            img = load_rgb(path)
+        except Exception:  # noqa: BLE001 - any decode failure means "skip this file"
+            return None
+        return self.transform(img), label, i
+
+
+def collate_readable(items: list[tuple[torch.Tensor, int, int] | None]) -> tuple[Any, Any, Any, int]:
+    """-> (images [B, 3, S, S], int64 labels [B], int64 indices [B], unreadable count); the first
+    three are None when no file of the batch decoded."""
+    good = [it for it in items if it is not None]
+    if not good:
+        return None, None, None, len(items)
+    images, labels, idx = zip(*good)
+    return (torch.stack(images), torch.tensor(labels, dtype=torch.int64), torch.tensor(idx, dtype=torch.int64),
+            len(items) - len(good))
+
+
+def iterate_loader(loader: DataLoader) -> Iterator[Any]:
+    """Iterate a DataLoader; when iteration stops for any reason (an error included), shut its
+    workers down at once.
+
+    An error raised in a worker leaves the DataLoader's iterator (held by the traceback) and its
+    workers alive; at interpreter exit torch then skips shutting them down, and multiprocessing's
+    exit handler, whose SIGTERM they ignore (``preempt.ignore_stop_signals``), waits on them forever. A DataError from a
+    worker, which torch re-raises with the worker's traceback in its message, is re-raised as
+    its own one-line message.
+    """
+    it = iter(loader)
+    try:
+        yield from it
+    except DataError as exc:
+        text = str(exc)
+        if "\n" not in text:
+            raise
+        last = text.rstrip().splitlines()[-1]
+        name = f"{DataError.__module__}.{DataError.__qualname__}: "
+        raise DataError(last[len(name):] if last.startswith(name) else last) from None
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)  # multi-process iterators only
+        if shutdown is not None:
+            shutdown()
 
 
 # ----------------------------------------------------------------------------- sampler

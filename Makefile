@@ -49,12 +49,12 @@ demo: install
 	$(DS_LAUNCH) launch/train_tokenizer.py --config configs/demo_tokenizer.yaml
 	@echo "stage 1 done: tokenizer $(DEMO)/tokenizer/tokenizer.safetensors, metrics $(DEMO)/tokenizer/metrics.jsonl"
 	$(DS_LAUNCH) launch/pretrain.py --deepspeed_config ds_configs/zero3_vith.json --config configs/demo_pretrain.yaml
-	$(BIN)/python -m peco_scale.export $(DEMO)/pretrain
+	$(BIN)/python -m peco_scale.tools.export $(DEMO)/pretrain
 	@echo "stage 2 done: metrics $(DEMO)/pretrain/metrics.jsonl, timm backbone $(DEMO)/pretrain/backbone.safetensors"
 	$(BIN)/python -m peco_scale.data demo --out $(DEMO)/val --seed 1 --images_per_class 30
 	$(DS_LAUNCH) launch/finetune.py --deepspeed_config ds_configs/finetune_zero2_vitb.json --config configs/demo_finetune.yaml
-	$(BIN)/python -m peco_scale.export $(DEMO)/finetune --best
-	$(BIN)/python -m peco_scale.probe codeword --tokenizer $(DEMO)/tokenizer/tokenizer.safetensors --data $(DEMO)/data --val $(DEMO)/val --out $(DEMO)/codeword_probe.json
+	$(BIN)/python -m peco_scale.tools.export $(DEMO)/finetune --best
+	$(BIN)/python -m peco_scale.tools.probe codeword --tokenizer $(DEMO)/tokenizer/tokenizer.safetensors --data $(DEMO)/data --val $(DEMO)/val --out $(DEMO)/codeword_probe.json
 	@echo "stage 3 done: fine-tune metrics $(DEMO)/finetune/metrics.jsonl, timm classifier $(DEMO)/finetune/classifier.safetensors"
 
 test: install slurm

@@ -3,22 +3,12 @@
     python -m peco_kernels.bench                      # both kernels, real shapes on CUDA
     python -m peco_kernels.bench --kernel ce --results benchmarks/results/kernels.jsonl
 
-Masked linear + cross-entropy (V = 8192): masked rows per GPU of the recipes -- ViT-B/16 at 224
-(micro-batch 256 x 75 masked), ViT-L/16 at 448 (64 x 300), ViT-H/14 at 448 (32 x 392) -- for
-the Triton kernel, the eager torch reference, torch.compile of the reference, torch's native
-``F.linear_cross_entropy`` when present and Liger-Kernel's fused linear CE when installed;
-forward, backward and full (forward + backward). Nearest-code lookup (K = 8192, D = 32 and
-256): a micro-batch of token grids at 224 and 448 for the Triton kernel, the chunked torch
-reference, ``torch.cdist(...).argmin`` (which materialises [N, K]) and its torch.compile form.
+Each row: median time, peak memory above the inputs, achieved TFLOP/s, its fraction of a bf16
+matmul peak measured in the same run, and the time over the floor of docs/gpu_check.md
+(``x_floor``); rows are appended to --results with GPU name, versions and date. Without CUDA only
+the torch variants are timed, at reduced shapes, and every row says so.
 
-Each row: median time (``triton.testing.do_bench`` on CUDA), peak memory above the inputs (the
-CUDA allocator's count; on CPU the same count made by ``LiveBytes``), achieved TFLOP/s, its
-fraction of a bf16 matmul peak measured in the same run, and the time over the floor of
-docs/gpu_check.md (``x_floor``); rows are appended to --results with GPU name, versions and
-date. A last table checks the goals of the kernels' issue where the rows allow it. Without CUDA
-the Triton rows cannot run at speed (the interpreter is for correctness), so only the torch
-variants are timed, at reduced shapes, and every row says so (``--cpu_triton`` adds the interpreted
-Triton rows: a check that the code path runs, as the GPU check's dry run does).
+Design notes: docs/design.md
 """
 
 from __future__ import annotations

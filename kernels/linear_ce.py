@@ -1,45 +1,12 @@
 """Masked linear + softmax cross-entropy: Triton row kernel, chunked launcher, autograd Function.
 
-Design: Liger-style (option b), not Cut-Cross-Entropy tiling (option a).
+Semantics are those of ``reference.masked_linear_cross_entropy_reference`` (logits in the input
+dtype, softmax in fp32). The fp32 [M, V] logits are never formed: rows go through a reusable
+[chunk, V] buffer bounded by ``_CHUNK_BYTES`` (128 MiB), GEMMs run in cuBLAS, and dW/db are
+accumulated across chunks in fp32. Reduction "none" computes its gradients in backward (8MHV
+instead of 6MHV).
 
-The selected rows [M, H] are split into chunks of rows. For each chunk, cuBLAS writes the
-logits ``rows @ W^T + b`` into a reusable [chunk, V] buffer in the input dtype (the
-reference's spec: logits in the input dtype, softmax in fp32); one Triton program per row
-then makes an online-logsumexp pass (loss, lse, running argmax for the accuracy) and, when
-gradients are wanted, a second pass that overwrites the buffer in place with
-``dlogits = (softmax - (1 - eps) * onehot - eps / V) * scale``. Two more cuBLAS calls give
-``dH = dlogits @ W`` and ``dW += dlogits^T @ rows`` (fp32 accumulator), and ``db`` is a fp32
-column sum. So the backward of mean/sum is a multiply by the incoming scalar gradient.
-
-Why (b) on an H100 at M ~ 12,500, H = 1280, V = 8192 (3 GEMMs of 2MHV = 2.6e11 FLOP each,
-~1 ms at the 800 TFLOP/s floor): cuBLAS runs these large, aligned bf16 GEMMs near peak,
-and (b) does exactly 6MHV FLOP. Cut Cross-Entropy never stores logits but recomputes them
-in backward (8MHV, +33%) inside hand-tiled ``tl.dot`` kernels that, untuned, reach less
-of peak than cuBLAS. What (b) pays instead is memory traffic on the [chunk, V] buffer:
-~4 passes of M*V*2 bytes beyond the GEMMs (kernel read, read + write, db sum) ~ 0.8 GB,
-~0.3 ms at 3 TB/s, and a transient buffer. The buffer is bounded by ``_CHUNK_BYTES`` (128 MiB), and
-the rows are split into equal chunks under it: at the ViT-H/14-448 shape in bf16 (12,544 rows,
-196 MiB of logits) that is TWO chunks of 6,272 rows (98 MiB each, still large GEMMs), so the fp32
-[M, V] logits (392 MiB here, 5 GB at the global batch) are never formed, and larger M is
-simply more chunks. Peak memory of forward + backward at that shape, counted by the live-bytes
-meter of ``peco_kernels.bench`` on CPU: 229 MiB (buffer + dH + the fp32 dW accumulator + one
-chunk's dW product, which on CPU also exists in bf16: ~20 MiB that CUDA's fp32-output matmul
-does not allocate) against the eager reference's 1176 MiB (fp32 logits, log-softmax and its
-gradient at once); with 256 MiB chunks (one chunk) it was 287 MiB.
-
-Precision (the anchors' known bugs):
-- dW/db are accumulated across chunks in fp32 (bf16 accumulation diverges: Liger #512,
-  CCE #14); each chunk's dW product comes out of cuBLAS in fp32 on CUDA (``out_dtype``).
-- The true-class gradient p_t - 1 is formed in fp32 BEFORE rounding to the input dtype
-  (Liger PR #1329), and not even as ``exp(x_t - lse) - 1``: pass 1 also sums the
-  exponentials of the other classes, so 1 - p_t = sum_{c != t} e^{x_c} / sum_c e^{x_c}
-  keeps full relative precision for near-certain predictions.
-- Kernels receive base pointers plus a row offset, never sliced pointers, so int64
-  targets keep the 16-byte alignment of their allocation (the caller ensures it).
-
-Under activation checkpointing the forward re-runs and recomputes the gradients; reduction
-"none" computes no gradients in forward and recomputes them in backward with the per-row
-incoming gradients (8MHV).
+Design notes: docs/design.md
 """
 
 from __future__ import annotations

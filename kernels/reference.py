@@ -5,7 +5,7 @@ use. Shapes and semantics here ARE the specification of the Triton kernels.
   index, in fp32, chunked over rows so [N, K] is never whole.
 - ``vq_ema_stats_reference``: per-code counts and sums of an assignment, fp32, deterministic.
 - ``masked_linear_cross_entropy_reference``: linear head + softmax cross-entropy on the rows a
-  mask selects, logits in fp32, plus the accuracy of those rows.
+  mask selects (logits in the input dtype, softmax in fp32), plus the accuracy of those rows.
 """
 
 from __future__ import annotations

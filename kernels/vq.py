@@ -5,49 +5,12 @@ with ``return_stats``, (counts fp32 [K], sums fp32 [K, D]). Semantics are those 
 ``reference.vq_nearest_reference`` / ``vq_ema_stats_reference``; inputs are checked by
 ``functional.vq_nearest``, which passes contiguous, 16-byte-aligned tensors.
 
-Nearest code (``_vq_nearest_kernel``), after cuVS's fused 1-NN:
-- A program owns BLOCK_N rows of z and walks codebook tiles of BLOCK_K codes; per tile one
-  ``tl.dot`` (fp32 accumulate, D masked and looped in BLOCK_D chunks) gives z.e, the score is
-  ``||e||^2 - 2 z.e`` (l2; ||z||^2 is the same for every code, so it is dropped from the argmin)
-  or ``-z.e`` (cosine), and a running (min, argmin) per row is kept in registers. [N, K] never
-  exists. ||e||^2 is computed once per call in fp32; masked codes get ||e||^2 = +inf (cosine:
-  a bias of 0 or +inf), so the tail tile needs no extra select.
-- Ties go to the lowest index, as torch.argmin: within a tile ``tl.min(..., return_indices=True)``
-  breaks ties to the left, across tiles (visited in increasing order) a row's best is replaced
-  only on a strictly smaller score.
-- Few rows (N per GPU of a few thousand is common when the tokenizer runs inside stage 2) would
-  leave most SMs idle, so the codebook is split into SPLIT contiguous ranges of tiles, a second
-  grid axis; each split writes its (score, index) and a torch ``argmin`` over the splits (first
-  occurrence = lowest split = lowest code on ties) merges them. Deterministic, no atomics.
-- distance = min score + ||z||^2 (computed in the kernel in fp32), clamped at 0 against fp32
-  cancellation when z sits on a code; cosine: 1 + min(-z.e).
+[N, K] is never formed; ties go to the lowest index (as torch.argmin); fp32 inputs keep ~fp32
+accuracy (tf32x3). Block sizes are fixed per shape, not autotuned, and there are no float
+atomics, so every rank quantises identically and results are reproducible across runs and ranks
+of one build (the sums are not bitwise equal to a one-hot matmul).
 
-Precision: bf16/fp16 products are exact in fp32 and the MMA accumulates in fp32, so low-precision
-inputs use the tensor cores as is. fp32 inputs use ``input_precision="tf32x3"``: plain tf32 (the
-default) keeps ~10 mantissa bits and flips argmins whenever the top two codes are within ~1e-3
-relative; "ieee" is exact fp32 but runs on CUDA cores at a fraction of the tensor-core rate on an
-H100; tf32x3 (three tf32 MMAs on split operands) recovers ~fp32 accuracy (error ~2^-22 relative
-per product) at tensor-core speed, so argmins flip only where fp32 itself cannot tell the codes
-apart. Mixed input dtypes are promoted (torch.promote_types) before the launch. The interpreter
-computes every dot in numpy fp32 (bf16 tiles are upcast first: its numpy dot cannot read bf16).
-
-Block sizes are fixed per shape, not autotuned, on purpose: an autotuner picks by timing, which
-may differ between processes or ranks, and a different tile shape can change fp32 rounding of a
-score and so an argmin on a near tie; every rank must quantise identically. BLOCK_N = BLOCK_K =
-128 with 8 warps amortises the argmin epilogue (the floor at D = 32, docs/gpu_check.md) over a
-large tile; BLOCK_D <= 64 keeps three pipeline stages of an fp32 codebook tile (3 x 32 KiB) in
-shared memory. These are starting points for a benchmark on the H100, not measured optima.
-
-EMA statistics (``_vq_code_sums_kernel``), deterministic (bitwise identical across runs):
-counts are an integer ``bincount`` turned to fp32 (exact). For the sums, the rows are ordered by
-a stable sort of the indices (so within a code they are in increasing row order, whatever the
-sort algorithm), per-code segment offsets come from an exclusive cumsum of the counts, and each
-program owns BLOCK_C codes x one D chunk: lane (c, j) adds rows j, j + BLOCK_R, ... of code c's
-segment in that order in fp32, and one ``tl.sum`` over j (a fixed tree for a compiled kernel)
-finishes. Every output element is written by one program; there are no float atomics. The result
-depends on BLOCK_R, a constant, so it is reproducible across runs and ranks of one build, not
-bitwise equal to a one-hot matmul. Cost: a code that takes most rows (a collapsed codebook) is
-summed by one program, O(count * D / BLOCK_R) serial steps.
+Design notes: docs/design.md
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ Sections, in order (``--only`` picks some, e.g. to rerun one that failed):
 2. ``kernel_tests``: ``tests/test_kernel_*.py`` with ``-x`` (compiled by Triton on CUDA: the test
    conftest turns the interpreter off there), less the benchmark's tests and the CPU-rank runs.
 3. ``kernel_bench``: ``python -m peco_kernels.bench`` at the real shapes, ending with the goal table.
-4. ``step``: ``launch/bench_step.py`` at ViT-L/16-448 and ViT-H/14-448, bf16, kernels triton vs
-   torch, activation checkpointing off and on, the largest micro-batch that fits; MFU against the
-   peak measured in ``env``.
+4. ``step``: ``python -m peco_scale.tools.bench_step`` at ViT-L/16-448 and ViT-H/14-448, bf16,
+   kernels triton vs torch, activation checkpointing off and on, the largest micro-batch that fits;
+   MFU against the peak measured in ``env``.
 5. ``main``: ``deepspeed --num_gpus 1 launch/pretrain.py --deepspeed_config
    ds_configs/zero3_vith.json`` on a generated 448-px image folder with a random-weight tokenizer
    of the default preset, then the same with ZeRO-2 at the same batch; their metrics rows.
@@ -158,9 +158,9 @@ def section_step(c: Check) -> None:
     models = [("vit_pico_patch16", 64, 2)] if c.dry_run else STEP_MODELS
     runs = []
     for i, (model, size, cap_batch) in enumerate(models):
-        cmd = [c.python, "launch/bench_step.py", "--model", model, "--img_size", str(size), "--batch_size", "0",
-               "--max_batch", str(cap_batch), "--kernels", "triton,torch", "--checkpointing", "off,on",
-               "--results", str(c.out / "step.jsonl")]
+        cmd = [c.python, "-m", "peco_scale.tools.bench_step", "--model", model, "--img_size", str(size),
+               "--batch_size", "0", "--max_batch", str(cap_batch), "--kernels", "triton,torch",
+               "--checkpointing", "off,on", "--results", str(c.out / "step.jsonl")]
         cmd += ["--steps", "1", "--warmup", "0", "--tokenizer_preset", "tiny"] if c.dry_run else ["--steps", "4",
                                                                                                   "--warmup", "2"]
         if peak:
@@ -258,10 +258,10 @@ def random_tokenizer(preset: str, vocab: int = 0):
     """A VQTokenizer of ``preset`` (``vocab`` codes if given) with random weights, frozen, its codebook
     marked initialised so no k-means runs: for timing only."""
     from .config import apply_overrides
-    from .engine.stage1_config import Stage1Config
+    from .train.tokenizer_config import TokenizerConfig
     from .models.tokenizer import TOKENIZER_PRESETS, VQTokenizer
 
-    cfg = Stage1Config()
+    cfg = TokenizerConfig()
     apply_overrides(cfg, dict(TOKENIZER_PRESETS[preset]), f"preset {preset}")
     if vocab:
         cfg.quantizer.codebook_size = vocab

@@ -70,7 +70,8 @@ def test_crafted_pickles_are_refused_by_export_and_resume(demo_data, tiny_tokeni
     evil = tmp_path / "evil_export"
     shutil.copytree(step, evil)
     _plant(next((evil / "model").glob("*model_states.pt")), marker)
-    res = subprocess.run([sys.executable, "-m", "peco_scale.export", str(evil), "--out", str(tmp_path / "b.safetensors")],
+    res = subprocess.run([sys.executable, "-m", "peco_scale.tools.export", str(evil), "--out",
+                          str(tmp_path / "b.safetensors")],
                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert res.returncode == 2, res.stderr[-3000:]
     assert len(_error_lines(res)) == 1 and "refusing to load" in _error_lines(res)[0], res.stderr[-3000:]

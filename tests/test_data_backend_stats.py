@@ -6,29 +6,38 @@ measured per backend and compared with the RandomResizedCrop distribution sample
 and with each other. A uniform grey image measures the brightness-jitter factor.
 """
 
+import importlib
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from peco_scale.data.backends import AugmentSpec, make_loader
+from peco_scale.data import AugmentSpec, make_loader
 from peco_scale.data.mim import denormalize_patch
 
 W, H = 240, 160
 N_IMAGES = 96
 
 
-def _available():
-    out = ["folder"]
-    for backend, mod in (("ffcv", "ffcv"), ("dali", "nvidia.dali")):
-        try:
-            __import__(mod)
-            out.append(backend)
-        except ImportError:
-            pass
-    return out
+_MODULES = {"folder": None, "ffcv": "ffcv", "dali": "nvidia.dali"}
+
+
+def _require(backend):
+    """Skip a backend whose package does not import, with the reason; under CI (PECO_CI set), where
+    every backend is installed, fail instead, so a broken install cannot pass as a skip."""
+    mod = _MODULES[backend]
+    if mod is None:
+        return
+    try:
+        importlib.import_module(mod)
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a native library failing to load
+        why = f"the {backend} backend does not import ({mod}: {type(exc).__name__}: {exc})"
+        if os.environ.get("PECO_CI"):
+            pytest.fail(f"{why}; PECO_CI is set, so every backend must be installed", pytrace=False)
+        pytest.skip(why)
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +99,9 @@ def _rrc_reference(n, seed=0):
     return np.array(out)
 
 
-@pytest.mark.parametrize("backend", _available())
+@pytest.mark.parametrize("backend", list(_MODULES))
 def test_crop_flip_and_jitter_distributions(backend, coord_tree, tmp_path):
+    _require(backend)
     crops, _ = _measure(backend, coord_tree, tmp_path, jitter=0.0)  # colour jitter would distort the coordinates
     _, bright = _measure(backend, coord_tree, tmp_path, jitter=0.4)
     ref = _rrc_reference(4000)

@@ -1,4 +1,4 @@
-"""The backend interface (peco_scale.data.backends) on the folder backend, the data benchmark, and
+"""The backend interface (peco_scale.data.spec, make_loader) on the folder backend, the data benchmark, and
 every image mode decoded alike by the folder, dali and ffcv backends."""
 
 import json
@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from peco_scale.data import DataError
-from peco_scale.data.backends import AugmentSpec, make_loader
+from peco_scale.data import AugmentSpec, DataError, make_loader
 
 SPEC2 = AugmentSpec(64, "stage2", tokenizer_size=32, mask=dict(grid=(4, 4), num_masked=6))
 

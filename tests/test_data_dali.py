@@ -13,8 +13,7 @@ pytest.importorskip("nvidia.dali")
 
 from PIL import Image  # noqa: E402
 
-from peco_scale.data import DataError, ShardedSampler, sample_seed, scan_image_folder  # noqa: E402
-from peco_scale.data.backends import AugmentSpec  # noqa: E402
+from peco_scale.data import AugmentSpec, DataError, ShardedSampler, sample_seed, scan_image_folder  # noqa: E402
 from peco_scale.data.dali_backend import DALILoader, crop_window  # noqa: E402
 from peco_scale.data.mim import denormalize_patch  # noqa: E402
 

@@ -144,3 +144,20 @@ def test_cli_demo_prints_summary(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert data_main(["scan", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "missing" in err and "demo --out" in err
+
+
+def test_old_ffcv_converter_entry_names_the_one_converter(tmp_path: Path) -> None:
+    """``python -m peco_scale.data.ffcv_backend`` (the retired second converter, with its old flag
+    spellings) converts nothing: one line naming ``python -m peco_scale.data convert``, exit 2."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    res = subprocess.run([sys.executable, "-m", "peco_scale.data.ffcv_backend", str(tmp_path), str(tmp_path / "x.beton"),
+                          "--max-resolution", "64", "--jpeg-quality", "80"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2, res
+    lines = (res.stdout + res.stderr).strip().splitlines()
+    assert len(lines) == 1 and "python -m peco_scale.data convert --to ffcv" in lines[0], lines
+    assert not (tmp_path / "x.beton").exists()

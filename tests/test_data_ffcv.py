@@ -11,8 +11,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("ffcv")
 
-from peco_scale.data import DataError, ShardedSampler, scan_image_folder  # noqa: E402
-from peco_scale.data.backends import AugmentSpec  # noqa: E402
+from peco_scale.data import AugmentSpec, DataError, ShardedSampler, scan_image_folder  # noqa: E402
 from peco_scale.data.ffcv_backend import FFCVLoader, write_beton  # noqa: E402
 from peco_scale.data.folder import resolve_image_root  # noqa: E402
 from peco_scale.data.mim import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -188,7 +187,7 @@ def test_bad_inputs_raise_one_line(beton, tmp_path, monkeypatch):
 
 _EARLY_EXIT = """
 import sys
-from peco_scale.data.backends import AugmentSpec
+from peco_scale.data import AugmentSpec
 from peco_scale.data.ffcv_backend import FFCVLoader
 spec = AugmentSpec(32, "stage2", tokenizer_size=16, mask=dict(grid=4, num_masked=6))
 loader = FFCVLoader(sys.argv[1], spec, batch_size=8, seed=0, workers=2)

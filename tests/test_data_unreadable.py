@@ -95,8 +95,7 @@ WORKER_SCRIPT = textwrap.dedent("""
     import numpy as np
     from PIL import Image
 
-    from peco_scale.data import DataError
-    from peco_scale.data.backends import AugmentSpec, make_loader
+    from peco_scale.data import AugmentSpec, DataError, make_loader
 
     root = Path(sys.argv[1])
     for c in ("a", "b"):

@@ -17,9 +17,10 @@ from conftest import ROOT, pretrain_args, read_metrics, run_launch
 from peco_scale.config import ConfigError
 from peco_scale.data import make_demo_dataset
 from peco_scale.data.eval import EvalLoader
-from peco_scale.engine.finetune_config import config_from_argv, resolve_finetune
-from peco_scale.export import consolidate, create_timm_model, export_checkpoint
+from peco_scale.train.config import config_from_argv
+from peco_scale.train.finetune_config import FinetuneConfig, resolve_finetune
 from peco_scale.models.transfer import build_classifier
+from peco_scale.tools.export import consolidate, create_timm_model, export_checkpoint
 
 
 def _ok(res):
@@ -184,7 +185,7 @@ def test_finetune_learns_the_demo_labels_and_exports_to_timm(tiny_tokenizer, pre
 
 
 def _resolve(argv):
-    cfg, _ = config_from_argv(argv)
+    cfg, _ = config_from_argv(argv, FinetuneConfig)
     return resolve_finetune(cfg)
 
 

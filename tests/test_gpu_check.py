@@ -14,10 +14,8 @@ import pytest
 
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "launch"))
-from bench_step import fit_batch  # noqa: E402
-
-from peco_scale import gpu_check  # noqa: E402
+from peco_scale import gpu_check
+from peco_scale.tools.bench_step import fit_batch
 
 
 def _rows(path: Path) -> list[dict]:

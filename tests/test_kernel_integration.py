@@ -1,5 +1,6 @@
-"""The library calls the kernels through config (`kernels: auto|triton|torch`): the Triton path
-gives the same training behaviour as the torch path, in the quantizer and in the MIM head."""
+"""The library calls the kernels through a runtime argument (`kernels: auto|triton|torch`, the run's
+`train.kernels`): the Triton path gives the same training behaviour as the torch path, in the
+quantizer and in the MIM head."""
 
 import os
 
@@ -21,8 +22,8 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 def test_quantizer_training_steps_agree_between_backends():
     cfg = dict(codebook_size=64, dim=8, kmeans_init=False, dead_code_steps=0)
     torch.manual_seed(0)
-    a = EMAVectorQuantizer(QuantizerConfig(**cfg, kernels="torch")).to(DEVICE).train()
-    b = EMAVectorQuantizer(QuantizerConfig(**cfg, kernels="triton")).to(DEVICE).train()
+    a = EMAVectorQuantizer(QuantizerConfig(**cfg), kernels="torch").to(DEVICE).train()
+    b = EMAVectorQuantizer(QuantizerConfig(**cfg), kernels="triton").to(DEVICE).train()
     b.load_state_dict(a.state_dict())
     for step in range(3):
         z = torch.randn(4, 8, 5, 3, device=DEVICE)
@@ -71,7 +72,7 @@ def test_pretrain_under_zero3_same_losses_with_triton_kernels(demo_data, tiny_to
     runs = {}
     for k in ("torch", "triton"):
         res = run_launch("launch/pretrain.py", pretrain_args(demo_data, tiny_tokenizer, tmp_path / k, **{
-            "max_steps": 3, "model.kernels": k}))
+            "max_steps": 3, "train.kernels": k}))
         assert res.returncode == 0, res.stderr[-3000:]
         runs[k] = read_metrics(tmp_path / k)
     for a, b in zip(runs["torch"], runs["triton"]):

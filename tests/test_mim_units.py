@@ -12,7 +12,8 @@ from PIL import Image
 
 from peco_scale.data.masking import BlockMaskGenerator
 from peco_scale.data.mim import MIMTransform, denormalize_patch
-from peco_scale.engine.ds import finalize_ds_config, read_recipe
+from peco_scale.engine.ds import finalize_ds_config
+from peco_scale.train.recipe import read_recipe
 from peco_scale.models.artifact import load_tokenizer
 from peco_kernels import masked_linear_cross_entropy_reference
 from peco_scale.models.mim import MIMTask

@@ -9,9 +9,9 @@ from conftest import ROOT
 
 from peco_scale.config import ConfigError
 from peco_scale.models.vit import VIT_PRESETS, MaskedViT
-from peco_scale.plan import (GB, activation_breakdown, activation_bytes_per_image, count_forward_flops, head_flops,
-                             main, max_micro_batch, mim_train_flops, model_state_bytes, param_numels, plan,
-                             vit_forward_flops)
+from peco_scale.tools.plan import (GB, activation_breakdown, activation_bytes_per_image, count_forward_flops,
+                                   head_flops, main, max_micro_batch, mim_train_flops, model_state_bytes, param_numels,
+                                   plan, vit_forward_flops)
 
 
 def _mask(model: MaskedViT, batch: int) -> torch.Tensor:
@@ -200,8 +200,8 @@ def test_checkpointing_and_memory_set_the_micro_batch():
 
 
 def test_cli_prints_the_table():
-    res = subprocess.run([sys.executable, "-m", "peco_scale.plan", "--model", "vit_huge_patch14", "--img_size", "448",
-                          "--gpus", "64", "--gpu_mem_gb", "80", "--micro_batch", "16"],
+    res = subprocess.run([sys.executable, "-m", "peco_scale.tools.plan", "--model", "vit_huge_patch14", "--img_size",
+                          "448", "--gpus", "64", "--gpu_mem_gb", "80", "--micro_batch", "16"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     for text in ("ZeRO-1", "ZeRO-2", "ZeRO-3", "Largest micro-batch", "ckpt", "1025 tokens", "At micro-batch 16"):
@@ -229,8 +229,8 @@ def test_bad_input_is_one_error_line_and_exit_2(argv, words, capsys):
 
 
 def test_bad_input_from_the_command_line():
-    res = subprocess.run([sys.executable, "-m", "peco_scale.plan", "--model", "vit_huge_patch14", "--img_size", "450"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-m", "peco_scale.tools.plan", "--model", "vit_huge_patch14", "--img_size",
+                          "450"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.startswith("error:") and res.stdout == ""
     with pytest.raises(ConfigError):
         plan("vit_huge_patch14", 448, 1, 80, micro_batch=0)

@@ -1,4 +1,4 @@
-"""python -m peco_scale.plot: metrics.jsonl -> PNG."""
+"""python -m peco_scale.tools.plot: metrics.jsonl -> PNG."""
 
 import json
 
@@ -7,7 +7,7 @@ from PIL import Image
 
 pytest.importorskip("matplotlib")
 
-from peco_scale.plot import main, plot_run, read_series  # noqa: E402
+from peco_scale.tools.plot import main, plot_run, read_series  # noqa: E402
 
 
 def _run(tmp_path, rows, name="run"):

@@ -12,10 +12,11 @@ from safetensors.torch import load_file
 
 from conftest import pretrain_args, read_metrics, run_launch
 from peco_scale.config import ConfigError
-from peco_scale.engine.stage2_config import config_from_argv, resolve_stage2
-from peco_scale.export import create_timm_model, export_checkpoint
+from peco_scale.train.config import config_from_argv
+from peco_scale.train.pretrain_config import PretrainConfig, resolve_pretrain
 from peco_scale.models.artifact import load_tokenizer, save_tokenizer
 from peco_scale.models.vit import VIT_PRESETS, MaskedViT
+from peco_scale.tools.export import create_timm_model, export_checkpoint
 
 
 def _ok(res):
@@ -54,7 +55,7 @@ def test_zero3_two_ranks_learns_and_exports_to_timm(demo_data, tiny_tokenizer, t
     assert set(mim) == {"head.weight", "head.bias", "backbone.mask_token"}
     assert mim["head.weight"].shape == (vocab, 128)
     ours = MaskedViT(VIT_PRESETS["vit_pico_patch16"], 64, drop_path=0.0).eval()
-    from peco_scale.export import consolidate
+    from peco_scale.tools.export import consolidate
     sd = {k[len("backbone."):]: v for k, v in consolidate(out / "checkpoints" / "step_00000080").items()
           if k.startswith("backbone.")}
     ours.load_state_dict(sd, strict=True)  # unfolded layer scale
@@ -98,8 +99,8 @@ def test_resume_reproduces_losses_and_refuses_other_tokenizer(demo_data, tiny_to
 
 
 def _resolve(argv):
-    cfg, _ = config_from_argv(argv)
-    return resolve_stage2(cfg)
+    cfg, _ = config_from_argv(argv, PretrainConfig)
+    return resolve_pretrain(cfg)
 
 
 def test_bad_inputs_are_one_clear_line(demo_data, tiny_tokenizer, tmp_path):
@@ -146,7 +147,7 @@ def test_bench_step_runs_and_records(tmp_path):
     import sys
 
     from conftest import ROOT
-    from peco_scale.plan import mim_train_flops
+    from peco_scale.tools.plan import mim_train_flops
 
     out = tmp_path / "bench.jsonl"
     res = subprocess.run([sys.executable, str(ROOT / "launch/bench_step.py"), "--model", "vit_pico_patch16", "--img_size",
@@ -219,8 +220,8 @@ def test_main_command_needs_only_data_and_tokenizer(demo_data, tiny_tokenizer, w
     from conftest import ROOT
 
     cfg, ds_dict = config_from_argv(["--deepspeed_config", str(ROOT / "ds_configs/zero3_vith.json"),
-                                     "--data", str(demo_data), "--tokenizer", str(tiny_tokenizer)])
-    r = resolve_stage2(cfg, world)
+                                     "--data", str(demo_data), "--tokenizer", str(tiny_tokenizer)], PretrainConfig)
+    r = resolve_pretrain(cfg, world)
     assert (r.model_name, r.img_size, r.grid, r.tokenizer_img_size) == ("vit_huge_patch14", 448, (32, 32), 512)
     assert r.num_masked == 392 and r.min_block == 84
     assert (r.batch_size, r.grad_accum, r.global_batch) == (32, accum, 2048)

@@ -1,4 +1,4 @@
-"""Probes (peco_scale.probe): the classifier against numpy, the features against hand computations
+"""Probes (peco_scale.tools.probe): the classifier against numpy, the features against hand computations
 with timm's own eval transform, the signal end to end with a label-shifted control, both CLIs on the
 demo data, and one clear error line for every bad input.
 
@@ -28,14 +28,14 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from peco_scale import probe
 from peco_scale.data import make_demo_dataset, scan_image_folder
 from peco_scale.data.mim import IMAGENET_MEAN, IMAGENET_STD
-from peco_scale.engine.stage1_config import resolve_stage1_config
-from peco_scale.export import FORMAT
+from peco_scale.train.tokenizer_config import tokenizer_config
 from peco_scale.models.artifact import load_tokenizer, save_tokenizer
 from peco_scale.models.tokenizer import VQTokenizer
 from peco_scale.models.vit import VIT_PRESETS, MaskedViT, export_timm_state_dict, timm_spec
+from peco_scale.tools import probe
+from peco_scale.tools.export import FORMAT
 
 TOK_SIZE, VIT_SIZE = 24, 64  # sizes where the probe's round(size / 0.875) equals timm's floor
 HALF = (0.5, 0.5, 0.5)
@@ -70,7 +70,7 @@ def reference_batch(paths: list[str], size: int, mean, std) -> torch.Tensor:
 def shallow_tokenizer(train_root: Path, seed: int) -> VQTokenizer:
     """A random tokenizer with one downsample and no attention; codebook = k-means of its encoder outputs."""
     torch.manual_seed(seed)
-    cfg = resolve_stage1_config(None, {"model.preset": "tiny", "model.ch_mult": [1, 2], "model.num_res_blocks": 0,
+    cfg = tokenizer_config(None, {"model.preset": "tiny", "model.ch_mult": [1, 2], "model.num_res_blocks": 0,
                                        "model.attn_at_lowest": False, "quantizer.codebook_size": 64})
     tok = VQTokenizer(cfg.model, cfg.quantizer).train()
     samples, _, _ = scan_image_folder(train_root)
@@ -81,7 +81,7 @@ def shallow_tokenizer(train_root: Path, seed: int) -> VQTokenizer:
 
 
 def pico_backbone(path: Path, seed: int) -> MaskedViT:
-    """A random pico ViT written as `python -m peco_scale.export` writes backbones; returns the source model."""
+    """A random pico ViT written as `python -m peco_scale.tools.export` writes backbones; returns the source model."""
     torch.manual_seed(seed)
     preset = VIT_PRESETS["vit_pico_patch16"]
     model = MaskedViT(preset, VIT_SIZE, drop_path=0.0).eval()
@@ -301,7 +301,8 @@ def test_linear_cli_on_the_demo_data(backbone, demo_data, demo_val, tmp_path, ca
 
 BAD_INPUT = {
     # name: (subcommand + model args, extra args, substrings of the error line)
-    "missing backbone": (["linear", "--backbone", "{missing}"], [], ["'{missing}' not found", "peco_scale.export RUN"]),
+    "missing backbone": (["linear", "--backbone", "{missing}"], [],
+                         ["'{missing}' not found", "peco_scale.tools.export RUN"]),
     "tokenizer as backbone": (["linear", "--backbone", "{tok}"], [], ["{tok}", "not a peco-scale backbone export"]),
     "garbage backbone": (["linear", "--backbone", "{garbage}"], [], ["{garbage}", "not a safetensors file"]),
     "classifier as backbone": (["linear", "--backbone", "{classifier}"], [], ["{classifier}", "fine-tuned classifier"]),

@@ -67,7 +67,7 @@ def _assert_completed(slurm: Cluster, job: int, logs: Path, timeout: float = 600
 
 
 def _weights(run: Path, tmp: Path) -> dict[str, torch.Tensor]:
-    from peco_scale.export import export_checkpoint
+    from peco_scale.tools.export import export_checkpoint
 
     return load_file(export_checkpoint(run, tmp / f"{run.name}.safetensors")["backbone"])
 
@@ -113,7 +113,7 @@ def test_lambda_sweep_array_job_and_collect(slurm, demo_data, tmp_path):
         line = [ln for ln in outs[i].splitlines() if ln.startswith(f"lambda_{lam}: ")]
         assert len(line) == 1 and "status done" in line[0] and "steps 4" in line[0], outs[i][-3000:]
 
-    from peco_scale.collect import main as collect
+    from peco_scale.tools.collect import main as collect
 
     assert collect([str(sweep)]) == 0
     table = (sweep / "summary.md").read_text().splitlines()
@@ -256,7 +256,7 @@ def test_kernel_bench_array_job_and_collect(slurm, tmp_path):
     states = slurm.wait(job, 300)
     for i, shape in enumerate(shapes):
         assert states[f"{job}_{i}"]["JobState"] == "COMPLETED", _read(tmp_path / f"task_{i}.out")[-3000:]
-    from peco_scale.collect import main as collect
+    from peco_scale.tools.collect import main as collect
 
     assert collect([str(sweep)]) == 0
     table = (sweep / "summary.md").read_text().splitlines()

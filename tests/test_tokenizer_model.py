@@ -4,13 +4,14 @@ import pytest
 import torch
 
 from peco_scale.config import apply_overrides
-from peco_scale.engine.stage1_config import Stage1Config, resolve_stage1_config
+from peco_scale.train.tokenizer_config import tokenizer_config
+from peco_scale.train.tokenizer_config import TokenizerConfig
 from peco_scale.models.artifact import load_tokenizer, read_tokenizer_metadata, save_tokenizer
 from peco_scale.models.tokenizer import VQTokenizer
 
 
 def _tiny(**over) -> VQTokenizer:
-    cfg = resolve_stage1_config(None, {"model.preset": "tiny", **over})
+    cfg = tokenizer_config(None, {"model.preset": "tiny", **over})
     return VQTokenizer(cfg.model, cfg.quantizer)
 
 
@@ -40,12 +41,12 @@ def test_gradients_reach_encoder_and_decoder():
 def test_presets_scale_channels():
     n = {}
     for preset in ("default", "lite", "tiny"):
-        cfg = resolve_stage1_config(None, {"model.preset": preset})
+        cfg = tokenizer_config(None, {"model.preset": preset})
         n[preset] = sum(p.numel() for p in VQTokenizer(cfg.model, cfg.quantizer).parameters())
     # half the channels -> about a quarter of the conv weights
     assert 0.2 < n["lite"] / n["default"] < 0.3
     assert n["tiny"] < n["lite"]
-    default = Stage1Config()
+    default = TokenizerConfig()
     assert default.quantizer.codebook_size == 8192 and default.model.ch_mult == (1, 2, 4, 8, 16)
 
 
@@ -80,11 +81,11 @@ def test_config_layering(tmp_path):
     f.write_text("model:\n  preset: tiny\nquantizer:\n  dim: 8\noptim:\n  lr: 0.1\n")
     from peco_scale.config import load_file
 
-    cfg = resolve_stage1_config(load_file(f), {"optim.lr": 0.5, "optim.betas": [0.9, 0.99]})
+    cfg = tokenizer_config(load_file(f), {"optim.lr": 0.5, "optim.betas": [0.9, 0.99]})
     assert cfg.model.base_channels == 16  # from the preset named in the file
     assert cfg.quantizer.dim == 8  # file beats preset
     assert cfg.optim.lr == 0.5 and cfg.optim.betas == (0.9, 0.99)  # command line beats file
     with pytest.raises(ValueError, match="unknown config key 'optim.lrr'"):
-        apply_overrides(Stage1Config(), {"optim.lrr": 1}, "test")
+        apply_overrides(TokenizerConfig(), {"optim.lrr": 1}, "test")
     with pytest.raises(ValueError, match="train.max_steps='x' must be an integer"):
-        apply_overrides(Stage1Config(), {"train.max_steps": "x"}, "test")
+        apply_overrides(TokenizerConfig(), {"train.max_steps": "x"}, "test")

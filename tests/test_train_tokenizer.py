@@ -107,12 +107,12 @@ def test_quantizer_two_ranks_equal_one_process(tmp_path):
 
 def test_tokenize_command(demo_data, tmp_path):
     torch.manual_seed(0)
-    from peco_scale.engine.stage1_config import resolve_stage1_config
+    from peco_scale.train.tokenizer_config import tokenizer_config
     from peco_scale.models.artifact import save_tokenizer
     from peco_scale.models.tokenizer import VQTokenizer
-    from peco_scale.tokenize import main
+    from peco_scale.tools.tokenize import main
 
-    cfg = resolve_stage1_config(None, {"model.preset": "tiny"})
+    cfg = tokenizer_config(None, {"model.preset": "tiny"})
     model = VQTokenizer(cfg.model, cfg.quantizer)
     save_tokenizer(model, tmp_path / "tok.safetensors")
     Image.new("RGB", (10, 10)).save(tmp_path / "x.png")

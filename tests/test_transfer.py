@@ -9,10 +9,10 @@ from safetensors.torch import save_file
 
 from peco_scale.config import ConfigError
 from peco_scale.engine.ema import ShardedEMA
-from peco_scale.export import FORMAT
 from peco_scale.engine.weights import load_pretrained
 from peco_scale.models.transfer import adapt_state_dict, build_classifier, layer_decay_groups
 from peco_scale.models.vit import VIT_PRESETS, MaskedViT, export_timm_state_dict, resize_pos_embed, timm_spec
+from peco_scale.tools.export import FORMAT
 
 
 def test_layer_decay_groups_cover_every_parameter_once_with_the_beit_scale():
@@ -129,6 +129,25 @@ def test_architecture_mismatch_is_one_line_listing_keys(tmp_path):
         adapt_state_dict(sd, model, source="model.init 'pico.safetensors'")
     msg = str(e.value)
     assert "\n" not in msg and "96 missing (blocks." in msg and "52 shape mismatch (blocks.0.attn.proj.bias(128,)->(192,)" in msg and "--model" in msg, msg
+
+
+@pytest.mark.parametrize("marker", ['{"step": 2, "files": {}}', "2\n"])  # this version's marker, an older one
+@pytest.mark.parametrize("given", ["step", "run"])
+def test_export_of_a_folder_with_only_a_completion_marker_is_one_line(marker, given, tmp_path, capsys):
+    from peco_scale.tools.export import main
+
+    step = tmp_path / "run" / "checkpoints" / "step_00000002"
+    step.mkdir(parents=True)
+    (step / "COMPLETE").write_text(marker)
+    assert main([str(step if given == "step" else tmp_path / "run"), "--out", str(tmp_path / "b.safetensors")]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert f"'{step}'" in lines[0] and "missing state.json and the 'model' engine folder" in lines[0], err
+    assert "only a COMPLETE marker" in lines[0], err
+    assert not (tmp_path / "b.safetensors").exists()
+    with pytest.raises(ConfigError, match="missing state.json"):  # model.init reads folders the same way
+        load_pretrained(step)
 
 
 def test_ema_matches_the_formula_and_swaps_back():

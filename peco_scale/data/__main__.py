@@ -6,6 +6,7 @@ Commands:
     scan DIR
         Count images and classes of an ImageFolder tree without decoding anything.
     convert --to ffcv --data DIR --out FILE.beton [--max_resolution N] [--mode jpg|raw] [--quality Q]
+            [--workers N] [--chunk_size N] [--overwrite]
         Write an FFCV .beton (unreadable images skipped and counted; written atomically; an
         up-to-date output is reused; a killed conversion resumes from its finished chunks in
         FILE.beton.parts/). DALI reads the folder itself: nothing to convert.
@@ -19,7 +20,8 @@ import time
 from collections.abc import Sequence
 
 from .demo import demo_is_current, make_demo_dataset
-from .folder import DataError, scan_image_folder
+from .folder import scan_image_folder
+from .spec import DataError
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:

@@ -26,9 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-from .backends import BACKENDS, AugmentSpec, make_loader
-from .folder import DataError
+from .loaders import make_loader
 from .masking import default_min_block, default_num_masked
+from .spec import BACKENDS, AugmentSpec, DataError
 
 
 def _source(backend: str, data: Path, max_res: int, workers: int) -> Path:
@@ -41,6 +41,29 @@ def _source(backend: str, data: Path, max_res: int, workers: int) -> Path:
         print(f"converting {data} -> {beton} (max side {max_res}; not timed)")
         write_beton(data, beton, max_resolution=max_res, workers=max(1, workers))
     return beton
+
+
+def _time_batches(loader, need: int) -> tuple[int, float, float, int]:
+    """Read ``need`` batches (across epochs): (images timed, seconds, first batch's seconds, epoch
+    starts inside the timed window); the first two batches are warm-up (workers started, JIT)."""
+    images, t0, seen, epoch, first_batch_s, epoch_starts = 0, 0.0, 0, 0, 0.0, 0
+    while seen < need:
+        loader.set_epoch(epoch)
+        t_start = time.perf_counter()
+        if seen >= 2:
+            epoch_starts += 1
+        for batch in loader:
+            seen += 1
+            if seen == 1:
+                first_batch_s = time.perf_counter() - t_start
+            if seen == 2:
+                t0 = time.perf_counter()
+            elif seen > 2:
+                images += batch["patch"].shape[0]
+            if seen >= need:
+                break
+        epoch += 1
+    return images, time.perf_counter() - t0, first_batch_s, epoch_starts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,24 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if loader.batches_per_epoch < 1:
         print("error: the dataset is smaller than one batch; lower --batch_size", file=sys.stderr)
         return 2
-    images, t0, seen, epoch, first_batch_s, epoch_starts = 0, 0.0, 0, 0, 0.0, 0
-    while seen < need:
-        loader.set_epoch(epoch)
-        t_start = time.perf_counter()
-        if seen >= 2:
-            epoch_starts += 1
-        for batch in loader:
-            seen += 1
-            if seen == 1:
-                first_batch_s = time.perf_counter() - t_start
-            if seen == 2:
-                t0 = time.perf_counter()  # after two warm-up batches (workers started, JIT compiled)
-            elif seen > 2:
-                images += batch["patch"].shape[0]
-            if seen >= need:
-                break
-        epoch += 1
-    elapsed = time.perf_counter() - t0
+    images, elapsed, first_batch_s, epoch_starts = _time_batches(loader, need)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     ips = images / elapsed
     row = {"date": dt.datetime.now().isoformat(timespec="seconds"), "backend": args.backend, "img_size": args.img_size,

@@ -1,23 +1,12 @@
 """Decoding to 8-bit RGB (every backend), and flip + colour jitter + normalisation of uint8 crops,
 shared by the ffcv and dali backends.
 
-:func:`to_rgb` turns an image of any PIL mode into 8-bit RGB. PIL's own ``convert("RGB")``
-clips the wide single-channel modes instead of scaling them (a 16-bit image becomes white, a
-float one black), so those are scaled here: integer modes (``I;16*``, ``I``) on the 16-bit scale
-``round(v * 255 / 65535)``, ``F`` on ``[0, 1]`` (``round(v * 255)``), out-of-range values clipped.
-These are the values DALI's decoder gives for 16-bit PNG/TIFF and float TIFF. PIL opens 16-bit
-RGB(A) and grey+alpha PNGs as 8-bit RGB(A) already (high byte, within one level of that rounding).
+:func:`to_rgb` scales wide single-channel modes (``I;16*``, ``I`` on the 16-bit scale, ``F`` on
+[0, 1]) where PIL's ``convert("RGB")`` would clip them, giving the values DALI's decoder gives.
+The jitter is torchvision's ``ColorJitter`` without hue: :func:`color_jitter` (torch, any device)
+is the reference, and a fused numba kernel does the same maths on CPU when numba is installed.
 
-The jitter is torchvision's ``ColorJitter(brightness=j, contrast=j, saturation=j)`` without hue,
-tensor formulas: each factor ~ U[max(0, 1-j), 1+j], the three ops in a per-sample random order,
-contrast blends with the image's mean grey level, saturation with the per-pixel grey level
-(torchvision's weights 0.2989, 0.587, 0.114), values clamped to [0, 1] after each op.
-
-Two implementations of the same maths:
-
-- :func:`color_jitter` (torch, any device, batched over samples): the GPU path and the reference.
-- a fused numba kernel (CPU, one pass per sample: uint8 HWC in, normalised float CHW out), used
-  by :func:`flip_jitter_normalize` for CPU arrays when numba is installed.
+Design notes: docs/design.md
 """
 
 from __future__ import annotations

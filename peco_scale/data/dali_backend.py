@@ -2,61 +2,14 @@
 CUDA, plain CPU operators otherwise), fed by the same sharded, resumable index order as the
 folder backend.
 
-Design (see also ``backends.py`` for the batch contract):
+Batches follow ``spec.py``; ``batches_per_epoch`` is identical on every rank, and the loader
+state is ``(seed, epoch, start_batch)``, so a mid-epoch resume continues with exactly the
+remaining samples. A sample's tensors are a pure function of ``(seed, epoch, index)`` (same DALI
+version and device). Both stage-2 views come from one crop, with the ffcv backend's flip and
+jitter code. Unreadable files (``verify="header"`` by default, ``"full"`` also decodes) are
+replaced by the next readable one and counted in "skipped".
 
-- **Reading / order.** The pipeline's only input is an ``external_source`` whose Python callback
-  serves this rank's indices for the current epoch, taken from ``ShardedSampler.shard_indices()``
-  (same permutation, drop-last and strided shard as the folder backend), starting at
-  ``set_start_batch``'s batch. ``batches_per_epoch`` is therefore identical on every rank and a
-  mid-epoch resume continues with exactly the remaining samples. DALI's own sharding
-  (``readers.file(shard_id, num_shards, pad_last_batch)``) and ``enable_checkpointing`` are NOT
-  used: the reader's shards are contiguous and padded (not the folder backend's drop-last
-  strided shards), and its checkpoint is an opaque blob tied to the pipeline definition, while
-  here the whole loader state is ``(seed, epoch, start_batch)`` -- the integers the trainer
-  already checkpoints. One pipeline is built per epoch pass (``__iter__``); its end is signalled
-  by the callback raising StopIteration.
-
-- **Randomness / determinism.** Every random draw (crop window, flip, jitter factors, mask) is
-  made in the callback from the sample's seed ``sample_seed(seed, epoch, index)``: the crop,
-  flip and jitter from ``np.random.default_rng([sample_seed, 1])``, the mask from
-  ``BlockMaskGenerator(**spec.mask)(np.random.default_rng(sample_seed))``. The DALI operators
-  themselves are deterministic, so a sample's tensors are a pure function of
-  ``(seed, epoch, index)`` (given the same DALI version and device; CPU and GPU decoders/resizes
-  may differ by rounding): independent of rank count, thread count, prefetching and resume point.
-  The pipeline ``seed`` is still set, derived from ``(seed, epoch, rank)``, so any random operator
-  added later is reproducible per (seed, epoch, rank) -- but such an operator would NOT be
-  resume-exact (its state restarts with the pipeline), which is why none is used.
-
-- **One crop -> two views (stage 2).** The random-resized-crop window is drawn in Python with
-  torchvision's ``RandomResizedCrop.get_params`` algorithm (10 tries of area ~ U(scale), log-uniform
-  aspect ratio, then the centre-crop fallback) on the image size read from the file header, and
-  decoded with ``fn.decoders.image_slice`` (only that region is decoded) and resized (bicubic,
-  antialiased) once per distinct view size (views of equal size share one resize); the pipeline
-  returns uint8 HWC views. Flip and colour jitter (torchvision's ColorJitter without hue:
-  brightness, contrast, saturation factors ~ U[max(0, 1-j), 1+j] in a per-sample random order,
-  contrast around the image's mean grey) and the normalisation then run in one fused pass per
-  view (``colour.flip_jitter_normalize``: a numba kernel on CPU, torch on the GPU tensor that
-  DALI decoded) -- the same code and the same draws (``colour.draw_flip_jitter``) as the ffcv
-  backend. Both views get the same flip and factors; the jitter runs after the resize (it is a
-  per-pixel affine colour map, so it commutes with the resize up to clamping and rounding).
-  DALI's own ``color_twist`` is not used: it pivots contrast on mid-grey, has a fixed op order,
-  and on CPU it was the costliest op (2 threads, 224 px: decode + resize 672 images/s, 483 with
-  color_twist; measured 2026-11-23).
-
-- **Corrupt files.** DALI's decoder error would abort the whole batch, so the callback checks
-  each file before handing it to DALI and substitutes the next readable file (i+1, i+2, ...,
-  wrapping), as the folder backend does; "skipped" counts samples whose own file was unreadable.
-  ``verify="header"`` (default, cheap): PIL parses the header (size, format) and JPEGs must have
-  an EOI marker after the last start-of-scan, PNGs an IEND chunk at the end -- this catches
-  truncation, the common corruption. ``verify="full"`` additionally decodes every file with PIL
-  (catches corrupt entropy-coded data too, at roughly twice the CPU cost). Formats other than
-  JPEG/PNG are always fully decoded by the check. Each file is checked once per process (the
-  result -- its size, or "unreadable" -- is cached by dataset index); later epochs only read it.
-
-- **Image modes.** Files DALI decodes as PIL + ``colour.to_rgb`` do (``_DALI_NATIVE``: JPEG, PNG
-  incl. 16-bit, BMP, WebP, most TIFF modes incl. 16-bit and float) go to DALI as they are; the
-  rest (TIFF 1-bit, 32-bit/signed int, LA, PA, LAB) are decoded with PIL in the callback and
-  handed to DALI as 8-bit RGB PNGs, every time they are read.
+Design notes: docs/design.md
 """
 
 from __future__ import annotations
@@ -72,11 +25,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backends import TASKS, AugmentSpec, ShardedPosition
 from .colour import draw_flip_jitter, flip_jitter_normalize_views, to_rgb
-from .folder import DataError, ShardedSampler, _sample_seeds, _splitmix64, resolve_image_root, scan_image_folder
+from .folder import resolve_image_root, scan_image_folder
 from .masking import BlockMaskGenerator
 from .mim import IMAGENET_MEAN, IMAGENET_STD
+from .sampling import ShardedSampler, sample_seeds, splitmix64
+from .spec import TASKS, AugmentSpec, DataError, ShardedPosition
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +116,7 @@ def _as_rgb_png(data: bytes) -> bytes:
 class DALILoader(ShardedPosition):
     """BatchLoader over an ImageFolder tree with a DALI pipeline (see the module docstring).
 
-    Yields the batch dicts of ``backends.py`` for ``spec.task`` plus ``"index"`` (int64 [B], the
+    Yields the batch dicts of ``spec.py`` for ``spec.task`` plus ``"index"`` (int64 [B], the
     dataset index each sample was requested as). ``device="cpu"`` runs CPU operators only
     (``device_id=None``); ``"cuda"``/``"cuda:N"`` decodes on the GPU ("mixed") and returns CUDA
     tensors.
@@ -215,7 +169,7 @@ class DALILoader(ShardedPosition):
 
     def pipeline_seed(self) -> int:
         """DALI pipeline seed for the current (seed, epoch, rank)."""
-        key = _splitmix64(_splitmix64(_splitmix64(self.seed & (2**64 - 1)) ^ self.epoch) ^ self.rank)
+        key = splitmix64(splitmix64(splitmix64(self.seed & (2**64 - 1)) ^ self.epoch) ^ self.rank)
         return key & 0x7FFFFFFF
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -223,7 +177,7 @@ class DALILoader(ShardedPosition):
         n_batches = len(indices) // self.batch_size
         if n_batches == 0:
             return
-        seeds = _sample_seeds(self.seed, self.epoch, indices)
+        seeds = sample_seeds(self.seed, self.epoch, indices)
         pipe = self._build(_Source(self, indices, seeds))
         try:
             pipe.build()

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .folder import DataError
+from .spec import DataError
 
 MANIFEST = "manifest.json"
 GENERATOR_VERSION = 1  # bump when the pixels a seed produces change, so old trees are rebuilt
@@ -124,54 +124,52 @@ def _edge_alpha(t: Array, period: float, threshold: float = 0.0) -> Array:
 # ----------------------------------------------------------------------------- classes
 
 
-def _circles(rng: Rng, h: int, w: int) -> Array:
-    img = _background(rng, h, w)
-    y, x = _grid(h, w)
-    bg = img.mean(axis=(0, 1))
-    for _ in range(int(rng.integers(1, 4))):
-        r = rng.uniform(0.1, 0.35) * min(h, w)
-        cy, cx = rng.uniform(0.7 * r, h - 0.7 * r), rng.uniform(0.7 * r, w - 0.7 * r)
-        dist = np.sqrt((y - cy) ** 2 + (x - cx) ** 2)
-        img = _paint(img, np.clip(r - dist + 0.5, 0, 1), _contrasting(rng, bg))
-    return img
+def _shapes(coverage):
+    """A class of 1-3 shapes in contrasting colours on a background; ``coverage(rng, y, x, h, w)``
+    draws one shape's parameters and returns its anti-aliased coverage in [0, 1]."""
+    def draw(rng: Rng, h: int, w: int) -> Array:
+        img = _background(rng, h, w)
+        y, x = _grid(h, w)
+        bg = img.mean(axis=(0, 1))
+        for _ in range(int(rng.integers(1, 4))):
+            img = _paint(img, coverage(rng, y, x, h, w), _contrasting(rng, bg))
+        return img
+    return draw
 
 
-def _squares(rng: Rng, h: int, w: int) -> Array:
-    img = _background(rng, h, w)
-    y, x = _grid(h, w)
-    bg = img.mean(axis=(0, 1))
-    for _ in range(int(rng.integers(1, 4))):
-        s = rng.uniform(0.1, 0.3) * min(h, w)  # half side
-        cy, cx = rng.uniform(0.8 * s, h - 0.8 * s), rng.uniform(0.8 * s, w - 0.8 * s)
-        th = rng.uniform(0, np.pi / 2)
-        u = (x - cx) * np.cos(th) + (y - cy) * np.sin(th)
-        v = -(x - cx) * np.sin(th) + (y - cy) * np.cos(th)
-        d = np.maximum(np.abs(u), np.abs(v)) - s  # box distance (exact outside along axes)
-        img = _paint(img, np.clip(0.5 - d, 0, 1), _contrasting(rng, bg))
-    return img
+def _circle(rng: Rng, y: Array, x: Array, h: int, w: int) -> Array:
+    r = rng.uniform(0.1, 0.35) * min(h, w)
+    cy, cx = rng.uniform(0.7 * r, h - 0.7 * r), rng.uniform(0.7 * r, w - 0.7 * r)
+    dist = np.sqrt((y - cy) ** 2 + (x - cx) ** 2)
+    return np.clip(r - dist + 0.5, 0, 1)
 
 
-def _triangles(rng: Rng, h: int, w: int) -> Array:
-    img = _background(rng, h, w)
-    y, x = _grid(h, w)
-    bg = img.mean(axis=(0, 1))
-    for _ in range(int(rng.integers(1, 4))):
-        rad = rng.uniform(0.15, 0.4) * min(h, w)
-        cy, cx = rng.uniform(0.6 * rad, h - 0.6 * rad), rng.uniform(0.6 * rad, w - 0.6 * rad)
-        ang = rng.uniform(0, 2 * np.pi) + np.array([0, 2, 4]) * np.pi / 3 + rng.uniform(-0.4, 0.4, 3)
-        py, px = cy + rad * np.sin(ang), cx + rad * np.cos(ang)
-        d = None
-        for i in range(3):  # convex polygon: max of signed half-plane distances
-            j = (i + 1) % 3
-            ey, ex = py[j] - py[i], px[j] - px[i]
-            norm = np.hypot(ey, ex) + 1e-6
-            di = ((x - px[i]) * ey - (y - py[i]) * ex) / norm
-            # orient each edge so the centroid is on the negative (inside) side
-            if ((cx - px[i]) * ey - (cy - py[i]) * ex) > 0:
-                di = -di
-            d = di if d is None else np.maximum(d, di)
-        img = _paint(img, np.clip(0.5 - d, 0, 1), _contrasting(rng, bg))
-    return img
+def _square(rng: Rng, y: Array, x: Array, h: int, w: int) -> Array:
+    s = rng.uniform(0.1, 0.3) * min(h, w)  # half side
+    cy, cx = rng.uniform(0.8 * s, h - 0.8 * s), rng.uniform(0.8 * s, w - 0.8 * s)
+    th = rng.uniform(0, np.pi / 2)
+    u = (x - cx) * np.cos(th) + (y - cy) * np.sin(th)
+    v = -(x - cx) * np.sin(th) + (y - cy) * np.cos(th)
+    d = np.maximum(np.abs(u), np.abs(v)) - s  # box distance (exact outside along axes)
+    return np.clip(0.5 - d, 0, 1)
+
+
+def _triangle(rng: Rng, y: Array, x: Array, h: int, w: int) -> Array:
+    rad = rng.uniform(0.15, 0.4) * min(h, w)
+    cy, cx = rng.uniform(0.6 * rad, h - 0.6 * rad), rng.uniform(0.6 * rad, w - 0.6 * rad)
+    ang = rng.uniform(0, 2 * np.pi) + np.array([0, 2, 4]) * np.pi / 3 + rng.uniform(-0.4, 0.4, 3)
+    py, px = cy + rad * np.sin(ang), cx + rad * np.cos(ang)
+    d = None
+    for i in range(3):  # convex polygon: max of signed half-plane distances
+        j = (i + 1) % 3
+        ey, ex = py[j] - py[i], px[j] - px[i]
+        norm = np.hypot(ey, ex) + 1e-6
+        di = ((x - px[i]) * ey - (y - py[i]) * ex) / norm
+        # orient each edge so the centroid is on the negative (inside) side
+        if ((cx - px[i]) * ey - (cy - py[i]) * ex) > 0:
+            di = -di
+        d = di if d is None else np.maximum(d, di)
+    return np.clip(0.5 - d, 0, 1)
 
 
 def _stripes(rng: Rng, h: int, w: int) -> Array:
@@ -304,9 +302,9 @@ def _photos(rng: Rng, h: int, w: int) -> Array:
 
 
 RENDERERS: dict[str, Callable[[Rng, int, int], Array]] = {
-    "circles": _circles,
-    "squares": _squares,
-    "triangles": _triangles,
+    "circles": _shapes(_circle),
+    "squares": _shapes(_square),
+    "triangles": _shapes(_triangle),
     "stripes": _stripes,
     "checkerboard": _checkerboard,
     "gradients": _gradients,

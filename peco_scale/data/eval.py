@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from ..engine.preempt import ignore_stop_signals
+from ..signals import ignore_stop_signals
 from .folder import ImageFolderDataset, iterate_loader
 from .mim import IMAGENET_MEAN, IMAGENET_STD
 

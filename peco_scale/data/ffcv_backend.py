@@ -1,54 +1,16 @@
 """FFCV backend: ImageFolder -> ``.beton`` writer and a rank-sharded, resumable loader.
 
-Writer (:func:`write_beton`): fields ``image`` (RGBImageField, jpg or raw, longest side capped at
-``max_resolution``), ``label`` (IntField) and ``index`` (IntField: the image's index in
-``scan_image_folder`` order). Every file is first decoded fully with PIL; unreadable files are
-skipped and counted, never fatal. Images are encoded chunk by chunk into ``<out>.parts/`` (each
-chunk file atomic), so a killed conversion resumes where it stopped; the ``.beton`` is then
-assembled in a temp file and renamed at the end; a sidecar ``<out>.json`` records max_resolution,
-count, skipped, classes, the source path and a digest of the source listing.
+Writer (:func:`write_beton`; command line ``python -m peco_scale.data convert --to ffcv``):
+unreadable files are skipped and counted, never fatal; a killed conversion resumes from its
+finished chunks in ``<out>.parts/``; the ``.beton`` appears atomically (temp file + rename), with
+a sidecar ``<out>.json`` describing it.
 
-Loader (:class:`FFCVLoader`), the BatchLoader protocol of ``backends.py``:
+Loader (:class:`FFCVLoader`): the BatchLoader of ``spec.py``, in the folder backend's order
+(same permutation, drop-last, sharding, start-batch skip). A batch is bit-reproducible on CPU
+given (seed, epoch, rank, world_size, batch_size, start batch), whatever ``workers`` or resuming.
+Batches carry an extra ``"index"`` int64 [B]; ``"skipped"`` is always 0.
 
-- Order: one ffcv ``Loader`` per FFCVLoader, compiled once; each ``__iter__`` runs an ffcv
-  ``EpochIterator`` over this rank's index list in that order (sequential traversal; never
-  QUASI_RANDOM, which does not shard). The list is
-  ``ShardedSampler(n, ...).shard_indices()`` over the ``.beton`` positions -- the very same
-  permutation / drop-last / strided sharding / start-batch skip as the folder backend. When the
-  writer skipped nothing, ``.beton`` position == folder index, so both backends visit the same
-  images in the same order on every rank.
-- One crop for both stage-2 views: the compiled ffcv decoder decodes and random-resized-crops once
-  to ``C = max(img_size, tokenizer_size)`` (ffcv's resize, area-style), then that single crop is
-  flipped, jittered and resized down to ``img_size`` and ``tokenizer_size`` (bicubic,
-  antialias=True; a view of size ``C`` is not resampled again). The folder backend resizes the
-  crop box straight to each size, so pixels differ by one extra resampling, geometry does not.
-- Randomness is a pure function of ``(seed, epoch, index)`` with ``index`` the folder (scan) index
-  stored in the ``.beton``: the crop is drawn inside the compiled decoder from numba's
-  ``np.random`` re-seeded per sample from ``sample_seed(seed, epoch, index)`` (the seeds are
-  computed per epoch in numpy and handed to the decoder at run time, so nothing is recompiled
-  per epoch; numba keeps one
-  RNG state per thread, and seed + draws happen in one iteration on one thread, so the
-  thread schedule does not matter); flip, jitter factors / order and the block mask come from
-  ``np.random.default_rng(sample_seed(...))`` in Python. So a batch is bit-reproducible on
-  CPU given (seed, epoch, rank, world_size, batch_size, start batch), independent of ``workers``
-  and of resuming. ffcv's own ``seed`` argument only drives its RANDOM order (unused here).
-  Not reproducible across backends: the folder path draws from torch's RNG, so the same
-  (seed, epoch, index) gives a different (equally distributed) crop there; GPU bicubic
-  resizing may differ from CPU in the last bits.
-- Jitter: brightness, contrast, saturation with factors uniform in ``[1-j, 1+j]`` applied in a
-  per-sample random order (torchvision ``ColorJitter`` without hue, tensor formulas: contrast
-  blends with the mean grayscale level, saturation with the per-pixel grayscale), on the
-  ``C x C`` crop before the resizes, so both views get the same jitter.
-- Crop distribution: ffcv's ``get_random_crop`` is torchvision's RandomResizedCrop algorithm
-  (area ~ U(scale), log-ratio ~ U(log ratio), 10 tries, centre fallback).
-- Threads: ffcv's thread decodes + crops; a second thread does flip + jitter (one fused numba
-  kernel, serial per sample), the resizes and the masks, so the torch side overlaps decoding.
-  Stopping mid-epoch (``break``, ``max_steps``; the generator is closed or collected) stops and
-  joins both threads; iterators still open at interpreter exit are stopped by an atexit hook
-  (a thread left inside numba at exit aborts the process).
-
-The batch carries an extra ``"index"`` int64 [B] (folder index) next to the keys of
-``backends.py``; ``"skipped"`` is always 0 (bad files are dropped at conversion time).
+Design notes: docs/design.md
 """
 
 from __future__ import annotations
@@ -73,11 +35,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .backends import TASKS, AugmentSpec, ShardedPosition
 from .colour import draw_flip_jitter, flip_jitter_normalize, to_rgb
-from .folder import DataError, ShardedSampler, _sample_seeds, _splitmix64_np, scan_image_folder
+from .folder import scan_image_folder
 from .masking import BlockMaskGenerator
 from .mim import IMAGENET_MEAN, IMAGENET_STD
+from .sampling import ShardedSampler, sample_seeds, splitmix64_np
+from .spec import TASKS, AugmentSpec, DataError, ShardedPosition
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +52,12 @@ _INSTALL_HINT = ("ffcv is not installed; install it with `pip install -e '.[ffcv
 
 def _require_ffcv():
     try:
-        import ffcv  # noqa: F401
-        from ffcv.fields import IntField, RGBImageField  # noqa: F401
+        import ffcv
+        from ffcv.fields import IntField, RGBImageField
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(_INSTALL_HINT) from exc
-    import ffcv as mod
-
-    return mod
+    del IntField, RGBImageField  # only checked to exist (a partial ffcv build lacks them)
+    return ffcv
 
 
 def sidecar_path(beton: str | os.PathLike[str]) -> Path:
@@ -229,9 +191,6 @@ def write_beton(root: str | os.PathLike[str], out_path: str | os.PathLike[str], 
     "chunks"}``.
     """
     _require_ffcv()
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
-
     if mode not in ("jpg", "raw"):
         raise DataError(f"mode={mode!r} is not supported; use 'jpg' (smaller) or 'raw' (faster decode)")
     if int(max_resolution) < 1:
@@ -242,12 +201,28 @@ def write_beton(root: str | os.PathLike[str], out_path: str | os.PathLike[str], 
     samples, classes, n_ignored = scan_image_folder(root)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-
-    # ---- phase 1: encode into chunk files (resumable)
-    parts = Path(str(out) + ".parts")
     plan = {"version": _PLAN_VERSION, "source": str(Path(root).resolve()), "listing": _listing_digest(samples),
             "count": len(samples), "max_resolution": int(max_resolution), "mode": mode,
             "jpeg_quality": int(jpeg_quality), "chunk_size": int(chunk_size)}
+    parts = Path(str(out) + ".parts")
+    files, reused = _encode_phase(samples, parts, plan, workers=workers, progress=progress, resume=resume)
+    counts, bad = _assemble_phase(files, out, plan, workers, root)
+    side = {"max_resolution": int(max_resolution), "count": sum(counts), "skipped": len(bad),
+            "classes": classes, "source": str(Path(root).resolve()), "mode": mode,
+            "jpeg_quality": int(jpeg_quality), "scanned": len(samples), "listing": plan["listing"]}
+    stmp = sidecar_path(out).with_name(sidecar_path(out).name + f".tmp-{os.getpid()}")
+    stmp.write_text(json.dumps(side, indent=1))
+    os.replace(stmp, sidecar_path(out))
+    shutil.rmtree(parts, ignore_errors=True)
+    return {"written": sum(counts), "skipped": len(bad), "skipped_files": [p for p, _ in bad],
+            "classes": classes, "ignored": n_ignored, "path": str(out), "reused_chunks": reused,
+            "chunks": len(files)}
+
+
+def _encode_phase(samples: list[tuple[str, int]], parts: Path, plan: dict[str, Any], *, workers: int,
+                  progress: bool, resume: bool) -> tuple[list[Path], int]:
+    """Phase 1 of :func:`write_beton`: encode into chunk files under ``parts`` (resumable when
+    ``plan`` matches the one recorded there). Returns (chunk files, chunks reused)."""
     plan_file = parts / "plan.json"
     if parts.exists():
         try:
@@ -265,8 +240,8 @@ def write_beton(root: str | os.PathLike[str], out_path: str | os.PathLike[str], 
         tmp = plan_file.with_name(f"plan.json.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(plan, indent=1))
         os.replace(tmp, plan_file)
-
-    n_chunks = -(-len(samples) // int(chunk_size))
+    size = plan["chunk_size"]
+    n_chunks = -(-len(samples) // size)
     files = [parts / f"chunk-{c:06d}.npz" for c in range(n_chunks)]
     todo = [c for c in range(n_chunks) if not files[c].is_file()]
     reused = n_chunks - len(todo)
@@ -277,21 +252,27 @@ def write_beton(root: str | os.PathLike[str], out_path: str | os.PathLike[str], 
         try:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(samples), initial=min(len(samples), reused * int(chunk_size)), desc="encoding",
-                       unit="img")
+            bar = tqdm(total=len(samples), initial=min(len(samples), reused * size), desc="encoding", unit="img")
         except ImportError:  # pragma: no cover
             pass
     with ThreadPoolExecutor(workers) as pool:
         for c in todo:
-            lo = c * int(chunk_size)
-            chunk = samples[lo:lo + int(chunk_size)]
-            _encode_chunk(files[c], chunk, lo, pool, int(max_resolution), mode, int(jpeg_quality))
+            chunk = samples[c * size:(c + 1) * size]
+            _encode_chunk(files[c], chunk, c * size, pool, plan["max_resolution"], plan["mode"], plan["jpeg_quality"])
             if bar is not None:
                 bar.update(len(chunk))
     if bar is not None:
         bar.close()
+    return files, reused
 
-    # ---- phase 2: assemble the .beton from the chunks
+
+def _assemble_phase(files: list[Path], out: Path, plan: dict[str, Any], workers: int,
+                    root: str | os.PathLike[str]) -> tuple[list[int], list[tuple[str, str]]]:
+    """Phase 2 of :func:`write_beton`: ffcv's DatasetWriter copies the chunks' bytes into a temp
+    file renamed to ``out`` when complete. Returns (images per chunk, (path, reason) skipped)."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
     counts, bad = [], []
     for f in files:
         with np.load(f) as z:
@@ -300,30 +281,22 @@ def write_beton(root: str | os.PathLike[str], out_path: str | os.PathLike[str], 
     for p, r in bad:
         log.warning("skipping unreadable image %s (%s)", p, r)
     if sum(counts) == 0:
-        shutil.rmtree(parts, ignore_errors=True)
-        raise DataError(f"none of the {len(samples)} images under '{root}' could be decoded; "
+        shutil.rmtree(out.with_name(out.name + ".parts"), ignore_errors=True)
+        raise DataError(f"none of the {plan['count']} images under '{root}' could be decoded; "
                         "check the files (e.g. open one with PIL) or point at another folder")
-    image_field = RGBImageField(write_mode=mode, max_resolution=int(max_resolution), jpeg_quality=int(jpeg_quality))
+    image_field = RGBImageField(write_mode=plan["mode"], max_resolution=plan["max_resolution"],
+                                jpeg_quality=plan["jpeg_quality"])
     image_field.encode = _write_encoded  # the bytes are already encoded: copy them (type stays RGBImageField)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
         writer = DatasetWriter(str(tmp), {"image": image_field, "label": IntField(), "index": IntField()},
                                num_workers=workers)
-        writer.from_indexed_dataset(_ChunkImages(files, counts, mode), chunksize=64)
+        writer.from_indexed_dataset(_ChunkImages(files, counts, plan["mode"]), chunksize=64)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             tmp.unlink()
-    side = {"max_resolution": int(max_resolution), "count": sum(counts), "skipped": len(bad),
-            "classes": classes, "source": str(Path(root).resolve()), "mode": mode,
-            "jpeg_quality": int(jpeg_quality), "scanned": len(samples), "listing": plan["listing"]}
-    stmp = sidecar_path(out).with_name(sidecar_path(out).name + f".tmp-{os.getpid()}")
-    stmp.write_text(json.dumps(side, indent=1))
-    os.replace(stmp, sidecar_path(out))
-    shutil.rmtree(parts, ignore_errors=True)
-    return {"written": sum(counts), "skipped": len(bad), "skipped_files": [p for p, _ in bad],
-            "classes": classes, "ignored": n_ignored, "path": str(out), "reused_chunks": reused,
-            "chunks": n_chunks}
+    return counts, bad
 
 
 # ----------------------------------------------------------------------------- loader
@@ -338,8 +311,8 @@ def _crop_seeds(seed: int, epoch: int, folder_index: np.ndarray) -> np.ndarray:
     ``sample_seed(seed, epoch, index)`` mixed once more with a salt, so the crop stream is
     independent of the Python-side (flip / jitter / mask) stream of the same sample.
     """
-    s = _sample_seeds(seed, epoch, np.asarray(folder_index, dtype=np.int64)).astype(np.uint64)
-    return (_splitmix64_np(s ^ _CROP_SALT) & _LOW32).astype(np.int64)
+    s = sample_seeds(seed, epoch, np.asarray(folder_index, dtype=np.int64)).astype(np.uint64)
+    return (splitmix64_np(s ^ _CROP_SALT) & _LOW32).astype(np.int64)
 
 
 def _make_decoder(output_size: int, scale, ratio):
@@ -550,7 +523,7 @@ class FFCVLoader(ShardedPosition):
         self.path = Path(beton_path)
         if not self.path.is_file():
             raise DataError(f"ffcv dataset '{self.path}' does not exist; convert the ImageFolder tree first: "
-                            f"python -m peco_scale.data.ffcv_backend <data_root> {self.path}")
+                            f"python -m peco_scale.data convert --to ffcv --data DIR --out {self.path}")
         if spec.task not in TASKS:
             raise DataError(f"task={spec.task!r} is not one of {TASKS}")
         self.spec = spec
@@ -647,7 +620,7 @@ class FFCVLoader(ShardedPosition):
         spec, dev = self.spec, self.device
         idx = np.asarray(index, dtype=np.int64).reshape(-1).copy()
         lab = torch.from_numpy(np.asarray(label, dtype=np.int64).reshape(-1).copy())
-        seeds = _sample_seeds(self.seed, epoch, idx)
+        seeds = sample_seeds(self.seed, epoch, idx)
         b = len(idx)
         flip = np.zeros(b, dtype=bool)
         factors = np.ones((b, 3), dtype=np.float32)
@@ -680,26 +653,10 @@ class FFCVLoader(ShardedPosition):
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m peco_scale.data.ffcv_backend",
-                                 description="Convert an ImageFolder tree to an ffcv .beton")
-    ap.add_argument("root")
-    ap.add_argument("out")
-    ap.add_argument("--max-resolution", type=int, default=256)
-    ap.add_argument("--jpeg-quality", type=int, default=90)
-    ap.add_argument("--mode", choices=("jpg", "raw"), default="jpg")
-    ap.add_argument("--workers", type=int, default=None)
-    a = ap.parse_args(argv)
-    try:
-        s = write_beton(a.root, a.out, max_resolution=a.max_resolution, jpeg_quality=a.jpeg_quality,
-                        mode=a.mode, workers=a.workers)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {s['written']} images ({s['skipped']} unreadable skipped, {len(s['classes'])} classes) "
-          f"to {s['path']}")
-    return 0
+    """The old second converter CLI, retired: one line naming the converter, exit 2."""
+    print("error: this converter moved: python -m peco_scale.data convert --to ffcv --data DIR --out FILE.beton "
+          "[--max_resolution N] [--mode jpg|raw] [--quality Q] [--workers N]", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

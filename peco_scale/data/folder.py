@@ -1,50 +1,46 @@
-"""ImageFolder loading for tokenizer training: scanning, robust decoding, seeded augmentation,
-and a rank-sharded, resumable sampler.
+"""The folder backend (the default): an ImageFolder tree read with PIL/torchvision in DataLoader
+workers. Also the ImageFolder scanning every backend starts from, and the image-list dataset the
+one-pass tools (tokenize, probe) read with.
 
-Determinism contract (needed for exact mid-epoch resume under DeepSpeed):
-``ShardedSampler`` yields ``(index, sample_seed)`` pairs whose order depends only on
-``(seed, epoch, rank, world_size, batch_size)``, and ``ImageFolderDataset`` seeds the
-augmentation RNGs from ``sample_seed`` right before the transform. So the tensor for a sample
-is a pure function of ``(index, sample_seed)``, whichever DataLoader worker builds it.
+Contract: ``scan_image_folder`` lists a tree deterministically without decoding; ``load_rgb``
+decodes fully to 8-bit RGB or raises; ``ImageFolderDataset`` never fails on an unreadable file
+(the next readable one takes its place and ``skipped`` counts it) and, given
+``(index, sample_seed)`` from ``sampling.ShardedSampler``, makes the transform a pure function
+of them (``sampling.SeededRng``), whichever DataLoader worker builds the sample.
+:class:`FolderLoader` is the ``spec.BatchLoader`` of this backend.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from ..signals import ignore_stop_signals
 from .colour import to_rgb
+from .masking import BlockMaskGenerator
+from .mim import IMAGENET_MEAN, IMAGENET_STD, MIMTransform
+from .sampling import SeededRng, ShardedSampler
+from .spec import TASKS, AugmentSpec, DataError, ShardedPosition
 
 log = logging.getLogger(__name__)
 
 IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-_MASK64 = (1 << 64) - 1
-_MASK63 = (1 << 63) - 1
 
 
-class DataError(ValueError):
-    """Bad dataset input (missing folder, no images, impossible batch split, ...).
-
-    Messages are one line naming the offending value and how to fix it.
-    """
+# ----------------------------------------------------------------------------- scanning
 
 
 def is_image_file(path: str | os.PathLike[str]) -> bool:
     """True if the file name has an image extension (case-insensitive)."""
     return str(path).lower().endswith(IMG_EXTENSIONS)
-
-
-# ----------------------------------------------------------------------------- scanning
 
 
 def _missing_msg(root: Path, what: str) -> str:
@@ -98,63 +94,6 @@ def scan_image_folder(root: str | os.PathLike[str]) -> tuple[list[tuple[str, int
     return samples, classes, n_ignored
 
 
-# ----------------------------------------------------------------------------- seeding
-
-
-def _splitmix64(x: int) -> int:
-    """One SplitMix64 step: a cheap, well-mixed 64-bit hash of a 64-bit int."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def _splitmix64_np(x: np.ndarray) -> np.ndarray:
-    """Vectorised SplitMix64 over a uint64 array (numpy array arithmetic wraps mod 2**64)."""
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def _epoch_key(seed: int, epoch: int) -> int:
-    return _splitmix64(_splitmix64(seed & _MASK64) ^ (epoch & _MASK64))
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The 63-bit augmentation seed of sample ``index`` in ``epoch`` (what ShardedSampler yields)."""
-    return _splitmix64(_epoch_key(seed, epoch) ^ (index & _MASK64)) & _MASK63
-
-
-def _sample_seeds(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
-    """``sample_seed`` for an int64 array of indices, vectorised; same values as the scalar."""
-    key = np.uint64(_epoch_key(seed, epoch))
-    out = _splitmix64_np(indices.astype(np.uint64) ^ key) & np.uint64(_MASK63)
-    return out.astype(np.int64)
-
-
-class _SeededRng:
-    """Seed torch / random / numpy global RNGs for one sample and restore them afterwards.
-
-    Restoring matters with ``num_workers=0``: otherwise every batch would reset the training
-    loop's own RNG (dropout, masking) to a state derived from the last sample's seed.
-    """
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-
-    def __enter__(self) -> None:
-        self._state = (torch.get_rng_state(), random.getstate(), np.random.get_state())
-        torch.manual_seed(self.seed)
-        random.seed(_splitmix64(self.seed ^ 0x5EED))
-        np.random.seed(_splitmix64(self.seed ^ 0xA11CE) & 0xFFFFFFFF)  # numpy needs < 2**32
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_rng_state(self._state[0])
-        random.setstate(self._state[1])
-        np.random.set_state(self._state[2])
-
-
 # ----------------------------------------------------------------------------- transforms
 
 
@@ -181,7 +120,7 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
     return (x * 0.5 + 0.5).clamp(0.0, 1.0)
 
 
-# ----------------------------------------------------------------------------- dataset
+# ----------------------------------------------------------------------------- datasets
 
 
 def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
@@ -254,7 +193,7 @@ class ImageFolderDataset(Dataset):
         elif seed is None:
             out = self.transform(img)
         else:
-            with _SeededRng(seed):
+            with SeededRng(seed):
                 out = self.transform(img)
         return {"image": out, "label": label, "index": index, "skipped": int(j != index)}
 
@@ -296,7 +235,7 @@ def iterate_loader(loader: DataLoader) -> Iterator[Any]:
 
     An error raised in a worker leaves the DataLoader's iterator (held by the traceback) and its
     workers alive; at interpreter exit torch then skips shutting them down, and multiprocessing's
-    exit handler, whose SIGTERM they ignore (``preempt.ignore_stop_signals``), waits on them forever. A DataError from a
+    exit handler, whose SIGTERM they ignore (``signals.ignore_stop_signals``), waits on them forever. A DataError from a
     worker, which torch re-raises with the worker's traceback in its message, is re-raised as
     its own one-line message.
     """
@@ -316,71 +255,47 @@ def iterate_loader(loader: DataLoader) -> Iterator[Any]:
             shutdown()
 
 
-# ----------------------------------------------------------------------------- sampler
+# ----------------------------------------------------------------------------- the loader
 
 
-class ShardedSampler(Sampler):
-    """Per-rank sampler with a seeded per-epoch shuffle, drop-last and mid-epoch resume.
+class FolderLoader(ShardedPosition):
+    """The default backend: an ImageFolder tree read with PIL/torchvision in DataLoader workers.
 
-    Each epoch: permute range(n) with ``torch.Generator().manual_seed(seed + epoch)`` (or keep
-    order if not shuffle), keep the first ``B * world_size * batch_size`` entries where
-    ``B = n // (world_size * batch_size)``, and give rank r the strided shard ``perm[r::world_size]``.
-    Every rank therefore yields exactly ``B`` batches (unequal counts hang collectives), the
-    shards are disjoint, and the dropped remainder is different every epoch.
-
-    Yields ``(index, sample_seed)`` tuples, ``sample_seed = sample_seed(seed, epoch, index)``.
-    ``set_epoch`` resets the start batch to 0; call ``set_start_batch`` after it when resuming.
+    Sample ``i`` of epoch ``e`` is a pure function of (seed, e, i) (see ShardedSampler), so the
+    batches are reproducible whichever worker builds them, and resume is by index.
     """
 
-    def __init__(self, n: int, *, rank: int, world_size: int, batch_size: int, seed: int,
-                 shuffle: bool = True) -> None:
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise DataError(f"rank={rank} / world_size={world_size} is invalid; "
-                            "need world_size >= 1 and 0 <= rank < world_size")
-        if batch_size < 1:
-            raise DataError(f"batch_size={batch_size} must be >= 1; pass a positive --batch_size")
-        per_step = world_size * batch_size
-        if n // per_step == 0:
-            raise DataError(f"dataset of {n} images is smaller than one global batch "
-                            f"(world_size={world_size} x batch_size={batch_size} = {per_step}); "
-                            "use more images or a smaller batch size")
-        self.n, self.rank, self.world_size = n, rank, world_size
-        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-        self.epoch = 0
-        self.start_batch = 0
+    def __init__(self, root, spec: AugmentSpec, *, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, workers: int = 0, device: str = "cpu"):
+        if spec.task not in TASKS:
+            raise DataError(f"task='{spec.task}' must be one of {', '.join(TASKS)}")
+        self.spec, self.device = spec, torch.device(device)
+        self.dataset = ImageFolderDataset(root, _folder_transform(spec))
+        self.sampler = ShardedSampler(len(self.dataset), rank=rank, world_size=world_size, batch_size=batch_size,
+                                      seed=seed)
+        self._loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+                                  drop_last=True, pin_memory=self.device.type == "cuda",
+                                  multiprocessing_context="fork" if workers else None,
+                                  worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(seed))
 
-    @property
-    def batches_per_epoch(self) -> int:
-        """Batches each rank gets in a full epoch (identical on all ranks)."""
-        return self.n // (self.world_size * self.batch_size)
+    def __iter__(self):
+        for batch in iterate_loader(self._loader):
+            views = batch.pop("image")
+            out = dict(views) if isinstance(views, dict) else {"image": views}
+            out = {k: v.to(self.device, non_blocking=True) for k, v in out.items()}
+            out.update(label=batch["label"].to(self.device), index=batch["index"], skipped=int(batch["skipped"].sum()))
+            yield out
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's permutation; also resets the resume offset to 0."""
-        self.epoch = int(epoch)
-        self.start_batch = 0
 
-    def set_start_batch(self, b: int) -> None:
-        """Skip this rank's first ``b`` batches of the current epoch (no images are touched)."""
-        if not 0 <= b <= self.batches_per_epoch:
-            raise DataError(f"start batch {b} is outside [0, {self.batches_per_epoch}] for epoch "
-                            f"{self.epoch}; check the resumed checkpoint's step and batch size")
-        self.start_batch = int(b)
-
-    def shard_indices(self) -> np.ndarray:
-        """This rank's indices for the current epoch after the start-batch skip, int64 (L,)."""
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            perm = torch.randperm(self.n, generator=g).numpy()
-        else:
-            perm = np.arange(self.n, dtype=np.int64)
-        total = self.batches_per_epoch * self.world_size * self.batch_size
-        shard = perm[:total][self.rank :: self.world_size]
-        return shard[self.start_batch * self.batch_size :]
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        idx = self.shard_indices()
-        seeds = _sample_seeds(self.seed, self.epoch, idx)
-        return iter(zip(idx.tolist(), seeds.tolist()))
-
-    def __len__(self) -> int:
-        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+def _folder_transform(spec: AugmentSpec):
+    if spec.task == "stage2":
+        return MIMTransform(spec.img_size, spec.tokenizer_size, BlockMaskGenerator(**spec.mask), scale=spec.scale,
+                            ratio=spec.ratio, hflip=spec.hflip, jitter=spec.jitter)
+    if spec.task == "stage1" and spec.jitter == 0 and spec.hflip == 0.5 and tuple(spec.ratio) == (3 / 4, 4 / 3):
+        return tokenizer_transform(spec.img_size, scale=spec.scale)  # the stage-1 trainer's own transform
+    ops = [T.RandomResizedCrop(spec.img_size, scale=spec.scale, ratio=spec.ratio,
+                               interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip(spec.hflip)]
+    if spec.jitter > 0:
+        ops.append(T.ColorJitter(spec.jitter, spec.jitter, spec.jitter))
+    mean, std = ((0.5,) * 3, (0.5,) * 3) if spec.task == "stage1" else (IMAGENET_MEAN, IMAGENET_STD)
+    return T.Compose([*ops, T.ToTensor(), T.Normalize(mean, std)])

@@ -1,45 +1,13 @@
 """Block-wise masking for masked image modeling (BEiT v2 semantics, independent implementation).
 
 A mask is a bool array ``[H, W]`` over the patch grid, ``True`` = masked, with exactly
-``num_masked`` ``True`` entries. It is built like BEiT v2's ``MaskingGenerator``:
+``num_masked`` ``True`` entries: blocks are placed as BEiT v2's ``MaskingGenerator`` does, then
+random patches are masked (or unmasked) to hit the count. All randomness comes from the
+``np.random.Generator`` passed in, so a mask is a pure function of the generator state and the
+constructor arguments (BEiT's distribution, not its random stream). Defaults scale BEiT's
+224px / 14x14 setting by patch count.
 
-1. Place rectangular blocks until ``num_masked`` patches are covered. For each block, make up to
-   ``max_tries`` attempts; the block stops at the first accepted attempt. One attempt:
-
-   - ``budget = min(num_masked - masked_so_far, max_block)``;
-   - target area ``A ~ U(min_block, budget)``. When ``min_block > budget`` the bounds are
-     *not* clipped: ``A`` is drawn between ``budget`` and ``min_block``, which is what Python's
-     ``random.uniform(a, b) = a + (b - a) * random()`` does with swapped bounds, and what BEiT
-     therefore does. Such blocks are usually too big for the budget and rejected, so the last
-     few patches mostly come from the fill-up step below;
-   - aspect ``r = exp(U(log min_aspect, log max_aspect))``, ``max_aspect`` defaulting to
-     ``1 / min_aspect`` (so ``log r`` is symmetric around 0);
-   - ``h = round(sqrt(A * r))``, ``w = round(sqrt(A / r))`` (round half to even, like Python's
-     ``round``); rejected unless ``h < H`` and ``w < W`` (strict, as BEiT: a block never spans
-     a whole row or column of the grid);
-   - ``top ~ U{0..H-h}``, ``left ~ U{0..W-w}``;
-   - accepted iff the number of *new* patches it covers is ``> 0`` and ``<= budget``; the
-     block's patches are then masked.
-
-   If a whole round of ``max_tries`` attempts adds nothing, block placement stops.
-2. Hit the count exactly: mask uniformly random unmasked patches if under (BEiT v2 behaviour;
-   happens when the last blocks don't fit the budget, or on grids too small for any block,
-   e.g. ``H == 1``), unmask random masked ones if over (cannot happen with the acceptance rule
-   above; kept so the exact-count guarantee does not rest on that invariant).
-
-All randomness comes from the ``np.random.Generator`` passed to ``__call__``/``generate`` (never
-the global ``random``/``np.random`` state), so a mask is a pure function of the generator state
-and of the constructor arguments. Per block, the random numbers of all ``max_tries`` attempts are
-drawn in one call (then used in order), so the stream consumed differs from BEiT's one-draw-at-a-
-time use of ``random``; the distribution is the same.
-
-Defaults scale BEiT's 224px / 14x14 setting (75 masked of 196, ~40%; 16-patch minimum block) by
-patch count, see ``default_num_masked`` and ``default_min_block``; ``max_block`` defaults to
-``num_masked`` (BEiT's ``max_num_patches=None``).
-
-Border effect: a block of height ``h`` covers row 0 for 1 of its ``H - h + 1`` possible tops but a
-central row for up to ``h`` of them, so patches on the border (corners most) are masked less often
-than central ones; the random fill-up only partly evens this out.
+Design notes: docs/design.md
 """
 
 from __future__ import annotations

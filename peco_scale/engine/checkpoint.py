@@ -1,32 +1,13 @@
 """One checkpoint manager: DeepSpeed engines + run state + per-rank RNG, published atomically.
 
-Layout under ``<run>/checkpoints``::
+A ``<run>/checkpoints/step_XXXXXXXX`` folder counts only once rank 0 has written its ``COMPLETE``
+file (every file with its size); ``latest`` is replaced atomically, and ``find_resume`` verifies
+that list and falls back, with a warning, to the previous complete checkpoint. Loading never
+unpickles arbitrary objects (:func:`safe_load`, :func:`verify_pickles`). A full disk stops the
+run with :class:`CheckpointError` before anything is written. ``save`` must be called on every
+rank.
 
-    step_00000100/
-        model/ ...            DeepSpeed files of engine "model" (all ranks write their part)
-        disc/  ...            another engine, if any
-        rng_rank0.pt ...      each rank's RNG states
-        ema_rank0.pt ...      other per-rank state (``rank_state``), e.g. an EMA's partitions
-        state.json            step, config, client state (rank 0)
-        COMPLETE              written last, by rank 0, after a barrier
-    latest                    name of the newest COMPLETE folder, replaced atomically
-
-A save killed midway leaves a folder without COMPLETE, which ``find_resume`` never picks.
-COMPLETE lists every file of the folder with its size; ``find_resume`` verifies that list and
-falls back, with a warning, to the previous complete checkpoint when a file is missing or cut.
-``save`` must be called on every rank (DeepSpeed hangs otherwise).
-
-Loading never unpickles arbitrary objects: every ``.pt`` file of a folder is first read with
-``torch.load(weights_only=True)`` allowing exactly the types this project's (and DeepSpeed's)
-checkpoints hold (:func:`safe_load`, :func:`verify_pickles`); anything else is refused with one
-line before DeepSpeed reads the folder.
-
-Disk space: ``check_output`` (at start) stops with one line when the folder is not writable or
-cannot hold one checkpoint; before each save every rank checks the free space against the size
-of the previous checkpoint (or 16 bytes per parameter before the first) and all ranks agree, so a
-full disk stops the run with :class:`CheckpointError` before anything is written, keeping the
-previous checkpoint. A write that fails anyway (a quota, another job filling the disk) raises the
-same error on the rank that saw it; its peers then fail in their next collective.
+Design notes: docs/design.md
 """
 
 from __future__ import annotations

@@ -1,19 +1,12 @@
 """Exponential moving average of a model's weights that is correct under ZeRO-3.
 
-Under ZeRO-3 a rank owns only its partition of each parameter (``p.ds_tensor``, a flat slice
-that the optimizer step updates); ``ShardedEMA`` keeps an fp32 shadow of exactly that partition
-(of the whole tensor without ZeRO-3), so the EMA costs 4 bytes x parameters / world size per
-rank, and updating it needs no communication:
+``ShardedEMA`` keeps an fp32 shadow of exactly the partition a rank owns (the whole tensor
+without ZeRO-3): 4 bytes x parameters / world size per rank, and no communication per update.
+``swapped()`` evaluates with the EMA weights and puts the training weights back afterwards;
+``full_state_dict()`` (all ranks call it) gives rank 0 whole fp32 tensors; ``state_dict()`` is
+the rank's own shadow (same world size on resume).
 
-    shadow = decay * shadow + (1 - decay) * local   (after every optimizer step)
-
-Evaluation with the EMA weights swaps the shadows into the partitions (``swapped()``), so
-ZeRO-3's own gathers in the forward pass see the averaged weights. "Persistent" small parameters
-(``p.ds_persist``) are not re-gathered per forward: ZeRO-3 keeps them whole in ``p.data`` once
-gathered, so their whole EMA (all-gathered, small) is swapped into ``p.data`` too. The training
-weights are put back afterwards. ``full_state_dict()`` all-gathers the partitions into whole fp32 tensors (all
-ranks call it; rank 0 gets the dict). ``state_dict()`` is the rank's own shadow, saved per rank
-with the checkpoint (same world size on resume, as for ZeRO itself).
+Design notes: docs/design.md
 """
 
 from __future__ import annotations

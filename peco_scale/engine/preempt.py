@@ -1,18 +1,11 @@
 """Stop cleanly on SIGTERM, SIGINT or SIGUSR1: checkpoint at the next step boundary, then exit 75.
 
-SLURM sends SIGTERM on preemption and at the time limit, and ``--signal=USR1@SECONDS`` sends
-SIGUSR1 that long before the limit; Ctrl-C is SIGINT. The handler only sets a flag: a
-checkpoint cannot be written from inside a signal handler, and under ZeRO every rank must save
-together. At each step boundary the ranks agree on the flag in the all-reduce they already do for
-the non-finite-loss check, so one signalled rank is enough and no rank is left waiting in a
-collective. The loop then saves on every rank and raises :class:`Interrupted`; the entry point
-exits with :data:`EXIT_REQUEUE` (75, EX_TEMPFAIL), which ``launch/slurm/*.sbatch`` answers with
-``scontrol requeue``, and the restarted job continues with ``--resume auto``.
+One signalled rank is enough: at the next step boundary all ranks agree on the flag, save
+together and raise :class:`Interrupted`; the entry point exits with :data:`EXIT_REQUEUE` (75),
+which ``launch/slurm/*.sbatch`` answers with a requeue. A signal that arrives while the model is
+still being built is kept, not fatal (read it with :func:`current`); a second SIGINT stops at once.
 
-The entry points (``engine/entry.run_entry``) install the handlers before anything else, so a
-signal that arrives while the model is still being built is kept, not fatal; the loops read the
-installed flag through :func:`current`. A second SIGINT while the first is being handled stops at
-once (KeyboardInterrupt), as users of a terminal expect.
+Design notes: docs/design.md
 """
 
 from __future__ import annotations
@@ -23,11 +16,15 @@ import threading
 
 import torch
 
+from ..signals import STOP_SIGNALS, ignore_stop_signals
 from . import dist as pdist
 from .common import NonFiniteLoss
 
+# ignore_stop_signals / STOP_SIGNALS live in peco_scale/signals.py (data workers need them too; data
+# must not import engine) and are re-exported here for engine code.
+__all__ = ["EXIT_REQUEUE", "STOP_SIGNALS", "Interrupted", "StopFlag", "current", "ignore_stop_signals"]
+
 EXIT_REQUEUE = 75
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class Interrupted(Exception):
@@ -37,15 +34,6 @@ class Interrupted(Exception):
         self.signame, self.step, self.total_steps, self.checkpoint = signame, step, total_steps, checkpoint
         super().__init__(f"stopped by {signame} after step {step} of {total_steps}; checkpoint {checkpoint} saved; "
                          f"rerun with --resume auto to continue (the launch/slurm/ scripts requeue the job, which does)")
-
-
-def ignore_stop_signals(_worker_id: int | None = None) -> None:
-    """For data-loader worker processes: SLURM signals every process of a job step, and a
-    worker killed by SIGUSR1's default action would take the training step down with it.
-    The main process decides when to stop; its workers follow. Usable as a DataLoader
-    ``worker_init_fn``."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
 
 
 _installed: list[StopFlag] = []

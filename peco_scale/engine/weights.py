@@ -7,7 +7,7 @@ A checkpoint folder's pickles are verified by ``checkpoint.verify_pickles`` befo
 
 - a stage-2 run (its folder, ``checkpoints/`` or a ``step_XXXXXXXX`` folder): the ZeRO checkpoint
   is consolidated (fp32 master weights); layer-scale gammas are kept;
-- an export of ``python -m peco_scale.export`` (``backbone.safetensors``; gammas folded);
+- an export of ``python -m peco_scale.tools.export`` (``backbone.safetensors``; gammas folded);
 - a timm checkpoint file (``.safetensors``, ``.pth``/``.pt``/``.bin``; a ``model``,
   ``state_dict`` or ``module`` entry is unwrapped).
 """
@@ -37,6 +37,22 @@ def checkpoint_folder(path: Path) -> Path:
             return found
     raise ConfigError(f"'{path}' holds no complete checkpoint; pass a run folder, its checkpoints/ folder, or a "
                       f"step_XXXXXXXX folder with a COMPLETE marker")
+
+
+def checkpoint_state(folder: Path) -> dict[str, Any]:
+    """The ``state.json`` of a checkpoint step folder. A folder without it (e.g. one that holds only a
+    COMPLETE marker) or with an unreadable one is a ConfigError naming the folder and what is missing."""
+    path = folder / "state.json"
+    if not path.is_file():
+        missing = ["state.json"] + ([] if (folder / "model").is_dir() else ["the 'model' engine folder"])
+        rest = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        held = "only a COMPLETE marker" if rest == ["COMPLETE"] else f"{', '.join(rest) or 'nothing'}"
+        raise ConfigError(f"checkpoint folder '{folder}' is missing {' and '.join(missing)} (it holds {held}); "
+                          f"pass a step_XXXXXXXX folder that was saved whole, or its run folder")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"checkpoint folder '{folder}': cannot read state.json ({exc})") from None
 
 
 def consolidate(folder: Path, engine: str = "model") -> dict[str, torch.Tensor]:
@@ -76,7 +92,7 @@ def load_pretrained(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
                           f"backbone.safetensors or a timm checkpoint file")
     if path.is_dir():
         folder = checkpoint_folder(path)
-        state = json.loads((folder / "state.json").read_text())
+        state = checkpoint_state(folder)
         if "model" not in state:
             raise ConfigError(f"checkpoint {folder} is not a stage-2 (pretrain) or fine-tune checkpoint")
         full = consolidate(folder)

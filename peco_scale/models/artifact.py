@@ -64,10 +64,12 @@ def read_tokenizer_metadata(path: str | Path) -> dict[str, Any]:
     return {k: json.loads(meta[k]) for k in ("model", "quantizer", "extra")}
 
 
-def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> VQTokenizer:
-    """Rebuild the tokenizer from its artifact, frozen and in eval mode."""
+def load_tokenizer(path: str | Path, device: str | torch.device = "cpu", kernels: str = "auto") -> VQTokenizer:
+    """Rebuild the tokenizer from its artifact, frozen and in eval mode; ``kernels`` is the
+    nearest-code backend of this process (``peco_kernels.BACKENDS``)."""
     meta = read_tokenizer_metadata(path)
-    model = VQTokenizer(from_dict(TokenizerModelConfig, meta["model"]), from_dict(QuantizerConfig, meta["quantizer"]))
+    quant = {k: v for k, v in meta["quantizer"].items() if k != "kernels"}  # older artifacts saved the runtime choice
+    model = VQTokenizer(from_dict(TokenizerModelConfig, meta["model"]), from_dict(QuantizerConfig, quant), kernels)
     with safe_open(str(path), framework="pt", device="cpu") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
     model.load_state_dict(state, strict=True)

@@ -59,15 +59,6 @@ def _vgg_features(features: nn.Module, x: Tensor, layers: Sequence[int]) -> list
     return out
 
 
-def _timm_vit(name: str) -> Callable[[], nn.Module]:
-    # dynamic_img_size: accept any multiple of the patch size (pos_embed is interpolated)
-    return lambda: timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
-
-
-def _timm_resnet(name: str) -> Callable[[], nn.Module]:
-    return lambda: timm.create_model(name, pretrained=False, num_classes=0)
-
-
 @dataclass(frozen=True)
 class PerceptualArch:
     """How to build one supported frozen network and read its features."""
@@ -83,26 +74,28 @@ class PerceptualArch:
     patch_size: int = 1  # input H and W must be multiples of this
 
 
+def _timm_vit(name: str, formats: str) -> PerceptualArch:
+    """A timm ViT-*/16 read after blocks 3, 6, 9, 12 by default."""
+    # dynamic_img_size: accept any multiple of the patch size (pos_embed is interpolated)
+    return PerceptualArch(lambda: timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True),
+                          _vit_features, 12, (3, 6, 9, 12), "blocks", formats, ("head.",), patch_size=16)
+
+
+def _timm_resnet(name: str) -> PerceptualArch:
+    """A timm ResNet (torchvision-compatible key names) read after its four stages."""
+    return PerceptualArch(lambda: timm.create_model(name, pretrained=False, num_classes=0), _resnet_features, 4,
+                          (1, 2, 3, 4), "stages", "MoCo v3 / timm / torchvision", ("fc.",))
+
+
 PERCEPTUAL_ARCHS: dict[str, PerceptualArch] = {
-    # the paper's default: self-supervised MoCo v3 ViT-B/16
-    "vit_base_patch16": PerceptualArch(
-        _timm_vit("vit_base_patch16_224"), _vit_features, 12, (3, 6, 9, 12), "blocks", "MoCo v3 / timm",
-        ("head.",), patch_size=16),
-    "resnet50": PerceptualArch(
-        _timm_resnet("resnet50"), _resnet_features, 4, (1, 2, 3, 4), "stages", "MoCo v3 / timm / torchvision",
-        ("fc.",)),
+    "vit_base_patch16": _timm_vit("vit_base_patch16_224", "MoCo v3 / timm"),  # the paper's: MoCo v3 ViT-B/16
+    "resnet50": _timm_resnet("resnet50"),
     "vgg16": PerceptualArch(
         lambda: torchvision.models.vgg16(weights=None).features, _vgg_features, 5, (1, 2, 3, 4, 5),
         "relu taps (relu1_2,relu2_2,relu3_3,relu4_3,relu5_3)", "torchvision", ("classifier.",),
         key_prefix="features."),
-    # cheap CPU demo/test network: ViT-Ti/16 (192 wide, 12 blocks)
-    "vit_tiny_patch16": PerceptualArch(
-        _timm_vit("vit_tiny_patch16_224"), _vit_features, 12, (3, 6, 9, 12), "blocks", "timm",
-        ("head.",), patch_size=16),
-    # cheap CPU demo/test network: a plain ResNet-18 (timm, torchvision-compatible key names)
-    "resnet_tiny": PerceptualArch(
-        _timm_resnet("resnet18"), _resnet_features, 4, (1, 2, 3, 4), "stages", "MoCo v3 / timm / torchvision",
-        ("fc.",)),
+    "vit_tiny_patch16": _timm_vit("vit_tiny_patch16_224", "timm"),  # cheap CPU demo/test network (192 wide)
+    "resnet_tiny": _timm_resnet("resnet18"),  # cheap CPU demo/test network: a plain ResNet-18
 }
 
 

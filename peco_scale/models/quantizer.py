@@ -34,7 +34,6 @@ class QuantizerConfig:
     kmeans_max_vectors: int = field(65536, "at most this many gathered vectors feed the k-means init")
     dead_code_steps: int = field(200, "a code unused for this many steps is restarted (0 = never)")
     usage_window: int = field(100, "codebook_usage = fraction of codes used in the last N steps")
-    kernels: str = field("auto", "nearest-code search + EMA statistics: auto (Triton on CUDA), triton, torch")
 
 
 def nearest_code(z: torch.Tensor, codebook: torch.Tensor, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,8 +95,11 @@ class EMAVectorQuantizer(nn.Module):
     outputs towards their codes.
     """
 
-    def __init__(self, cfg: QuantizerConfig):
+    def __init__(self, cfg: QuantizerConfig, kernels: str = "auto"):
         super().__init__()
+        # kernels: the peco_kernels backend of the nearest-code search + EMA statistics (auto = Triton
+        # on CUDA tensors). A runtime choice of this process, never part of the saved config.
+        self.kernels = kernels
         if cfg.codebook_size < 2:
             raise ValueError(f"quantizer.codebook_size={cfg.codebook_size} must be at least 2")
         self.cfg = cfg
@@ -135,11 +137,11 @@ class EMAVectorQuantizer(nn.Module):
                 if not bool(self.initialized):
                     self._collect_for_init(flat.detach())
                 # fused: assignment + this rank's per-code counts and sums (deterministic)
-                idx, _, counts, sums = vq_nearest(flat.detach(), self.codebook, backend=self.cfg.kernels,
+                idx, _, counts, sums = vq_nearest(flat.detach(), self.codebook, backend=self.kernels,
                                                   return_stats=True)
                 stats = self._ema_update(flat.detach(), counts, sums)
         else:
-            idx, _ = nearest_code(flat, self.codebook, self.cfg.kernels)
+            idx, _ = nearest_code(flat, self.codebook, self.kernels)
         q = self.codebook[idx]  # [N, D]
         commit = self.cfg.beta * F.mse_loss(flat, q.detach())
         q = flat + (q - flat).detach()  # straight-through
@@ -153,7 +155,7 @@ class EMAVectorQuantizer(nn.Module):
         flat = z.permute(0, 2, 3, 1).reshape(-1, d).float()
         if self.cosine:
             flat = F.normalize(flat, dim=1)
-        return nearest_code(flat, self.codebook, self.cfg.kernels)[0].view(b, h, w)
+        return nearest_code(flat, self.codebook, self.kernels)[0].view(b, h, w)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes of token ids: [B, h, w] -> [B, D, h, w]."""

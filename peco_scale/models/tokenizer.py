@@ -145,11 +145,11 @@ class Decoder(nn.Module):
 class VQTokenizer(nn.Module):
     """The PeCo tokenizer. Images are normalised to [-1, 1]."""
 
-    def __init__(self, model: TokenizerModelConfig, quantizer: QuantizerConfig):
+    def __init__(self, model: TokenizerModelConfig, quantizer: QuantizerConfig, kernels: str = "auto"):
         super().__init__()
         self.model_cfg, self.quant_cfg = model, quantizer
         self.encoder = Encoder(model, quantizer.dim)
-        self.quantizer = EMAVectorQuantizer(quantizer)
+        self.quantizer = EMAVectorQuantizer(quantizer, kernels)
         self.decoder = Decoder(model, quantizer.dim)
 
     @property

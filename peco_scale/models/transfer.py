@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError
-from .vit import VIT_PRESETS, export_timm_state_dict, resize_pos_embed, timm_spec
+from .vit import VIT_PRESETS, resize_pos_embed, timm_spec
 
 # BEiT v2 / EVA practice (docs/method.md): 0.65 for B (and the small presets), 0.75 L, 0.8 H
 LAYER_DECAY = {"vit_large_patch16": 0.75, "vit_huge_patch14": 0.8}

@@ -22,19 +22,18 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from ..data.backends import AugmentSpec, make_loader
+from ..data import AugmentSpec
 from ..data.eval import EvalLoader
 from ..engine import dist as pdist
 from ..engine import ds
 from ..engine.ema import ShardedEMA
-from ..engine.finetune_config import FinetuneConfig, resolve_finetune
 from ..engine.logger import log
 from ..engine.weights import load_pretrained
 from ..models.transfer import adapt_state_dict, build_classifier, has_layer_scale, layer_decay_groups
 from ..models.vit import VIT_PRESETS
-from ..plan import vit_forward_flops
-from .pretrain import recipe_ds_config, recipe_schedule, use_bf16
-from .trainer import Schedule, Stage, Trainer
+from ..models.cost import vit_forward_flops
+from .finetune_config import FinetuneConfig, resolve_finetune
+from .trainer import Stage, Trainer, use_bf16
 
 
 def seed_everything(seed: int) -> None:
@@ -87,8 +86,7 @@ class FinetuneStage(Stage):
     cfg: FinetuneConfig
 
     def __init__(self, cfg: FinetuneConfig, ds_dict: dict[str, Any]) -> None:
-        super().__init__(cfg)
-        self.ds_dict = ds_dict
+        super().__init__(cfg, ds_dict)
         self.best = {"top1": -1.0, "step": 0}
         self.last_eval: dict[str, Any] = {}
 
@@ -99,12 +97,7 @@ class FinetuneStage(Stage):
     def build_loader(self):
         d, r = self.cfg.data, self.r
         spec = AugmentSpec(r.img_size, "finetune", scale=(d.min_crop_scale, 1.0), hflip=d.hflip, jitter=d.jitter)
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
-        return make_loader(d.backend, d.path, spec, batch_size=r.batch_size, rank=int(os.environ.get("RANK", "0")),
-                           world_size=r.world_size, seed=self.cfg.train.seed, workers=d.workers, device=device)
-
-    def make_schedule(self, batches_per_epoch: int) -> Schedule:
-        return recipe_schedule(self, batches_per_epoch)
+        return self.make_loader(spec, r.batch_size)
 
     def prepare(self) -> None:
         d, r = self.cfg.data, self.r
@@ -140,7 +133,7 @@ class FinetuneStage(Stage):
         o, device = self.cfg.optim, self.device
         self.bf16 = use_bf16(self.cfg.train.precision, self.ds_dict, device)
         self.dtype = torch.bfloat16 if self.bf16 else torch.float32
-        self.ds_cfg = recipe_ds_config(self, self.ds_dict, self.bf16)
+        self.ds_cfg = self.ds_config(self.ds_dict, self.bf16)
         groups = layer_decay_groups(self.model, o.weight_decay, self.r.layer_decay)
         for g in groups:
             g.pop("names")
@@ -240,3 +233,17 @@ class FinetuneStage(Stage):
 def finetune(cfg: FinetuneConfig, ds_dict: dict[str, Any]) -> dict[str, Any]:
     """Run fine-tuning as configured; returns a summary. All ranks call it."""
     return Trainer(FinetuneStage(cfg, ds_dict)).run()
+
+
+# -- what launch/finetune.py runs (train/entry.py) -----------------------------------------------
+CONFIG, resolve, run, USER_ERRORS = FinetuneConfig, resolve_finetune, finetune, ()
+
+
+def report(summary: dict[str, Any]) -> None:
+    ev = summary["eval"]
+    print(f"metrics: {summary['metrics']}")
+    if ev:
+        print(f"eval: top-1 {ev['eval_top1']:.2f}% top-5 {ev['eval_top5']:.2f}% on {ev['eval_images']} images, "
+              f"chance {100.0 / summary['num_classes']:.2f}% (best top-1 {summary['best']['top1']:.2f}% at step "
+              f"{summary['best']['step']})")
+    print(f"checkpoint: {summary['checkpoint']}")

@@ -8,56 +8,28 @@ resuming with another tokenizer is refused.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import ConfigError
-from ..data.backends import AugmentSpec, make_loader
+from ..data import AugmentSpec
 from ..engine import ds
-from ..engine.stage2_config import Stage2Config, resolve_stage2
 from ..models.artifact import load_tokenizer, tokenizer_identity
 from ..models.mim import MIMTask
 from ..models.vit import VIT_PRESETS, MaskedViT, param_groups
-from ..plan import mim_train_flops
-from .trainer import Schedule, Stage, Trainer, schedule_from
-
-
-def use_bf16(precision: str, ds_dict: dict[str, Any], device: torch.device) -> bool:
-    """bf16 for ``precision`` 'bf16', or for 'auto' on GPU when the recipe enables it."""
-    if precision == "auto":
-        return device.type == "cuda" and bool(ds_dict.get("bf16", {}).get("enabled", False))
-    return precision == "bf16"
-
-
-def recipe_ds_config(stage: Stage, ds_dict: dict[str, Any], bf16: bool) -> dict[str, Any]:
-    """The recipe's DeepSpeed dict with this run's batch, clipping, ZeRO stage and precision."""
-    t = stage.cfg.train
-    return ds.finalize_ds_config(ds_dict, micro_batch=stage.r.batch_size, grad_accum=stage.grad_accum,
-                                 world_size=stage.world, grad_clip=stage.cfg.optim.grad_clip,
-                                 zero_stage=None if t.zero_stage < 0 else t.zero_stage, bf16=bf16)
-
-
-def recipe_schedule(stage: Stage, batches_per_epoch: int) -> Schedule:
-    """Warm-up then cosine to ``optim.min_lr``; ``optim.lr`` is given at ``optim.base_batch``."""
-    o = stage.cfg.optim
-    base_lr = o.lr * stage.global_batch / o.base_batch
-    return schedule_from(batches_per_epoch, stage.grad_accum, stage.global_batch, stage.cfg.train, o,
-                         stage.cfg.data.path, base_lr=base_lr, floor=min(o.min_lr, base_lr))
+from ..models.cost import mim_train_flops
+from .pretrain_config import PretrainConfig, resolve_pretrain
+from .trainer import Stage, Trainer, use_bf16
 
 
 class PretrainStage(Stage):
     name = "pretrain"
-    cfg: Stage2Config
-
-    def __init__(self, cfg: Stage2Config, ds_dict: dict[str, Any]) -> None:
-        super().__init__(cfg)
-        self.ds_dict = ds_dict
+    cfg: PretrainConfig
 
     def check(self, world: int) -> None:
-        self.r = resolve_stage2(self.cfg, world)
+        self.r = resolve_pretrain(self.cfg, world)
         self.grad_accum, self.global_batch = self.r.grad_accum, self.r.global_batch
         self.token_id = tokenizer_identity(self.cfg.tokenizer.path)
 
@@ -67,9 +39,7 @@ class PretrainStage(Stage):
                            tokenizer_size=r.tokenizer_img_size,
                            mask=dict(grid=r.grid, num_masked=r.num_masked, min_block=r.min_block,
                                      min_aspect=self.cfg.mask.min_aspect))
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
-        return make_loader(d.backend, d.path, spec, batch_size=r.batch_size, rank=int(os.environ.get("RANK", "0")),
-                           world_size=r.world_size, seed=self.cfg.train.seed, workers=d.workers, device=device)
+        return self.make_loader(spec, r.batch_size)
 
     def check_resume(self, folder: Path, state: dict[str, Any], world: int) -> None:
         saved = state.get("tokenizer", {}).get("sha256")
@@ -79,20 +49,17 @@ class PretrainStage(Stage):
                               f"resume with the original tokenizer or start a new output_dir")
         super().check_resume(folder, state, world)
 
-    def make_schedule(self, batches_per_epoch: int) -> Schedule:
-        return recipe_schedule(self, batches_per_epoch)
-
     def build_models(self) -> None:
         """Backbone + head around the frozen tokenizer."""
         m, r = self.cfg.model, self.r
         backbone = MaskedViT(VIT_PRESETS[r.model_name], r.img_size, drop_path=m.drop_path,
                              layer_scale=None if m.layer_scale < 0 else m.layer_scale,
                              grad_checkpointing=m.grad_checkpointing)
-        tokenizer = load_tokenizer(self.cfg.tokenizer.path, self.device)
+        tokenizer = load_tokenizer(self.cfg.tokenizer.path, self.device, self.cfg.train.kernels)
         if tokenizer.quant_cfg.codebook_size != r.vocab:
             raise ConfigError(f"tokenizer codebook has {tokenizer.quant_cfg.codebook_size} codes but the head "
                               f"expects {r.vocab}")
-        self.task = MIMTask(backbone, tokenizer, kernels=m.kernels).to_device(self.device)
+        self.task = MIMTask(backbone, tokenizer, kernels=self.cfg.train.kernels).to_device(self.device)
         self.flops_per_image = mim_train_flops(VIT_PRESETS[r.model_name], r.img_size, vocab=r.vocab,
                                                num_masked=r.num_masked, checkpointing=m.grad_checkpointing)["model"]
 
@@ -100,7 +67,7 @@ class PretrainStage(Stage):
         o, device = self.cfg.optim, self.device
         self.bf16 = use_bf16(self.cfg.train.precision, self.ds_dict, device)
         self.dtype = torch.bfloat16 if self.bf16 else torch.float32
-        self.ds_cfg = recipe_ds_config(self, self.ds_dict, self.bf16)
+        self.ds_cfg = self.ds_config(self.ds_dict, self.bf16)
         optimizer = torch.optim.AdamW(param_groups(self.task, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
                                       eps=o.eps, fused=device.type == "cuda")
         return {"model": ds.initialize(self.task.to(device), optimizer, self.ds_cfg)}
@@ -133,6 +100,17 @@ class PretrainStage(Stage):
                 "model": {"name": self.r.model_name, "img_size": self.r.img_size}}
 
 
-def pretrain(cfg: Stage2Config, ds_dict: dict[str, Any]) -> dict[str, Any]:
+def pretrain(cfg: PretrainConfig, ds_dict: dict[str, Any]) -> dict[str, Any]:
     """Run stage 2 as configured; returns a summary. All ranks call it."""
     return Trainer(PretrainStage(cfg, ds_dict)).run()
+
+
+# -- what launch/pretrain.py runs (train/entry.py) -----------------------------------------------
+CONFIG, resolve, run, USER_ERRORS = PretrainConfig, resolve_pretrain, pretrain, ()
+
+
+def report(summary: dict[str, Any]) -> None:
+    final = summary["final"]
+    print(f"metrics: {summary['metrics']} (last: loss {final.get('loss', float('nan')):.4f}, "
+          f"mlm_acc {final.get('mlm_acc', float('nan')):.3f})")
+    print(f"checkpoint: {summary['checkpoint']}")

@@ -8,56 +8,47 @@ writes ``<run>/tokenizer.safetensors``, the artifact stage 2 loads.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import to_dict
-from ..data.backends import AugmentSpec, make_loader
+from ..data import AugmentSpec
 from ..engine import dist as pdist
 from ..engine import ds
 from ..engine.common import autocast
 from ..engine.logger import log
-from ..engine.stage1_config import Stage1Config, validate_stage1
 from ..losses import PeCoLoss
 from ..models.artifact import save_tokenizer
 from ..models.discriminator import PatchDiscriminator, hinge_d_loss
-from ..models.perceptual import PerceptualLoss
+from ..models.perceptual import PerceptualLoss, PerceptualWeightsError
 from ..models.tokenizer import VQTokenizer
-from .trainer import Schedule, Stage, Trainer, schedule_from
+from .tokenizer_config import TokenizerConfig, resolve_tokenizer
+from .trainer import Stage, Trainer
 
 
-def _adam(params, lr: float, betas, weight_decay: float, device: torch.device) -> torch.optim.Adam:
-    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=device.type == "cuda")
+def _adam(params, lr: float, o, weight_decay: float, device: torch.device) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=weight_decay,
+                            fused=device.type == "cuda")
 
 
 class TokenizerStage(Stage):
     name = "tokenizer"
-    cfg: Stage1Config
+    cfg: TokenizerConfig
 
     def check(self, world: int) -> None:
-        validate_stage1(self.cfg)
-        self.grad_accum = self.cfg.train.grad_accum
+        self.grad_accum = resolve_tokenizer(self.cfg, world)
         self.global_batch = self.cfg.train.batch_size * self.grad_accum * world
 
     def build_loader(self):
-        d, t = self.cfg.data, self.cfg.train
-        spec = AugmentSpec(d.img_size, "stage1", scale=(d.min_crop_scale, 1.0), jitter=0.0)
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
-        return make_loader(d.backend, d.path, spec, batch_size=t.batch_size, rank=int(os.environ.get("RANK", "0")),
-                           world_size=int(os.environ.get("WORLD_SIZE", "1")), seed=t.seed, workers=d.workers,
-                           device=device)
-
-    def make_schedule(self, batches_per_epoch: int) -> Schedule:
-        o = self.cfg.optim
-        return schedule_from(batches_per_epoch, self.grad_accum, self.global_batch, self.cfg.train, o, self.cfg.data.path,
-                             base_lr=o.lr, floor=o.lr * o.min_lr_ratio, kind=o.schedule, warmup=o.warmup_steps)
+        d = self.cfg.data
+        spec = AugmentSpec(d.img_size, "stage1", scale=(d.min_crop_scale, 1.0), hflip=d.hflip, jitter=d.jitter)
+        return self.make_loader(spec, self.cfg.train.batch_size)
 
     def build_models(self) -> None:
         cfg = self.cfg
-        self.model = VQTokenizer(cfg.model, cfg.quantizer)
+        self.model = VQTokenizer(cfg.model, cfg.quantizer, cfg.train.kernels)
         perceptual = None
         if cfg.loss.perceptual_weight == 0:
             log.info("perceptual loss: off (loss.perceptual_weight=0, a plain VQ-VAE)")
@@ -68,16 +59,14 @@ class TokenizerStage(Stage):
         self.criterion = PeCoLoss(cfg.loss.pixel, cfg.loss.perceptual_weight, perceptual).to(self.device)
 
     def build_engines(self) -> dict[str, Any]:
-        cfg, t, device = self.cfg, self.cfg.train, self.device
-        ds_cfg = ds.load_ds_config(t.deepspeed_config, micro_batch=t.batch_size, grad_accum=t.grad_accum,
-                                   world_size=self.world, grad_clip=t.grad_clip,
-                                   zero_stage=None if t.zero_stage < 0 else t.zero_stage, allowed_stages=(0, 1, 2))
+        cfg, device = self.cfg, self.device
+        ds_cfg = self.ds_config(self.ds_dict, bf16=False)  # precision is torch autocast (train.precision)
         o = cfg.optim
-        engines = {"model": ds.initialize(self.model.to(device), _adam(self.model.parameters(), o.lr, o.betas,
+        engines = {"model": ds.initialize(self.model.to(device), _adam(self.model.parameters(), o.lr, o,
                                                                         o.weight_decay, device), ds_cfg)}
         if cfg.disc.enabled:
             disc = PatchDiscriminator(cfg.model.in_channels, cfg.disc.channels, cfg.disc.n_layers).to(device)
-            engines["disc"] = ds.initialize(disc, _adam(disc.parameters(), cfg.disc.lr, o.betas, 0.0, device), ds_cfg)
+            engines["disc"] = ds.initialize(disc, _adam(disc.parameters(), cfg.disc.lr, o, 0.0, device), ds_cfg)
         return engines
 
     def describe(self) -> str:
@@ -139,6 +128,19 @@ class TokenizerStage(Stage):
         return {**summary, "artifact": str(artifact)}
 
 
-def train_tokenizer(cfg: Stage1Config) -> dict[str, Any]:
-    """Run stage 1 as configured; returns a summary (paths, final metrics). All ranks call it."""
-    return Trainer(TokenizerStage(cfg)).run()
+def train_tokenizer(cfg: TokenizerConfig, ds_dict: dict[str, Any]) -> dict[str, Any]:
+    """Run stage 1 as configured (``ds_dict``: the recipe's DeepSpeed dict); returns a summary
+    (paths, final metrics). All ranks call it."""
+    return Trainer(TokenizerStage(cfg, ds_dict)).run()
+
+
+# -- what launch/train_tokenizer.py runs (train/entry.py) --------------------------------------
+CONFIG, resolve, run = TokenizerConfig, resolve_tokenizer, train_tokenizer
+USER_ERRORS = (PerceptualWeightsError,)
+
+
+def report(summary: dict[str, Any]) -> None:
+    final = summary["final"]
+    print(f"tokenizer artifact: {summary['artifact']}")
+    print(f"metrics: {summary['metrics']} (last: loss {final.get('loss', float('nan')):.4f}, "
+          f"codebook usage {final.get('codebook_usage', float('nan')):.1%})")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,15 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, to_dict
+from ..data import AugmentSpec, make_loader
+from ..engine import ds
 from ..engine import dist as pdist
 from ..engine import preempt
 from ..engine.checkpoint import CheckpointManager, check_writable, find_resume, lock_run_folder
 from ..engine.common import Window, optimizer_steps, progress_row, stop_if_weights_nonfinite
 from ..engine.logger import MetricsLogger, log
 from ..engine.preempt import Interrupted
+from .config import scaled_lr, world_from_env
 
 
 @dataclass
@@ -58,25 +62,18 @@ class Schedule:
         return self.floor + (self.base_lr - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def schedule_from(batches_per_epoch: int, grad_accum: int, global_batch: int, train, optim, data_path: str, *,
-                  base_lr: float, floor: float, kind: str = "cosine", warmup: int | None = None) -> Schedule:
-    """Steps per epoch and in total from ``train.max_steps``/``train.epochs``; warm-up from
-    ``warmup`` or ``optim.warmup_steps``/``optim.warmup_epochs``. A dataset too small for one
-    optimizer step is one line."""
-    steps_per_epoch = batches_per_epoch // grad_accum
-    if steps_per_epoch == 0:
-        raise ConfigError(f"{data_path} gives {batches_per_epoch} micro-batches per rank, fewer than the "
-                          f"{grad_accum} accumulation steps of one optimizer step; lower the batch size")
-    total = train.max_steps if train.max_steps > 0 else train.epochs * steps_per_epoch
-    if warmup is None:
-        warmup = optim.warmup_steps if optim.warmup_steps >= 0 else int(round(optim.warmup_epochs * steps_per_epoch))
-    return Schedule(steps_per_epoch, total, warmup, base_lr, floor, kind)
+def use_bf16(precision: str, ds_dict: dict[str, Any], device: torch.device) -> bool:
+    """bf16 for ``precision`` 'bf16', or for 'auto' on GPU when the recipe enables it."""
+    if precision == "auto":
+        return device.type == "cuda" and bool(ds_dict.get("bf16", {}).get("enabled", False))
+    return precision == "bf16"
 
 
 class Stage:
     """What a stage plugs into the trainer. ``cfg.train`` carries the run control every stage
     shares (output_dir, resume, seed, max_steps/epochs, log_every, ckpt_every, keep_last, wandb).
 
+    ``ds_dict`` is the recipe's DeepSpeed dict (without our blocks), finished by :meth:`ds_config`.
     Set by the trainer before :meth:`build`: ``rank``, ``world``, ``device``, ``run_dir``,
     ``ckpt`` and ``schedule``."""
 
@@ -85,8 +82,8 @@ class Stage:
     global_batch = 1
     flops_per_image: float | None = None  # a row's tflops_per_gpu, when known
 
-    def __init__(self, cfg) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg, ds_dict: dict[str, Any]) -> None:
+        self.cfg, self.ds_dict = cfg, ds_dict
 
     # -- before the process group --------------------------------------------------------
     def check(self, world: int) -> None:
@@ -104,7 +101,38 @@ class Stage:
                               f"convert it to a universal checkpoint with DeepSpeed's ds_to_universal.py first")
 
     def make_schedule(self, batches_per_epoch: int) -> Schedule:
-        raise NotImplementedError
+        """Warm-up (``optim.warmup_steps``, or ``optim.warmup_epochs``) to ``optim.lr`` scaled to the
+        global batch, then ``optim.schedule``: constant, or cosine down to ``optim.min_lr``. A dataset
+        too small for one optimizer step is one line."""
+        t, o = self.cfg.train, self.cfg.optim
+        steps_per_epoch = batches_per_epoch // self.grad_accum
+        if steps_per_epoch == 0:
+            raise ConfigError(f"{self.cfg.data.path} gives {batches_per_epoch} micro-batches per rank, fewer than the "
+                              f"{self.grad_accum} accumulation steps of one optimizer step; lower the batch size")
+        total = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
+        warmup = o.warmup_steps if o.warmup_steps >= 0 else int(round(o.warmup_epochs * steps_per_epoch))
+        base_lr = scaled_lr(o, self.global_batch)
+        return Schedule(steps_per_epoch, total, warmup, base_lr, min(o.min_lr, base_lr), o.schedule)
+
+    def make_loader(self, spec: AugmentSpec, batch_size: int):
+        """This rank's training loader over ``data.path`` with ``data.backend`` (a missing or empty
+        dataset is one line here, before any process group)."""
+        d = self.cfg.data
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+        return make_loader(d.backend, d.path, spec, batch_size=batch_size, rank=int(os.environ.get("RANK", "0")),
+                           world_size=world_from_env(), seed=self.cfg.train.seed, workers=d.workers, device=device)
+
+    def ds_config(self, ds_dict: dict[str, Any], bf16: bool) -> dict[str, Any]:
+        """The recipe's DeepSpeed dict with this run's batch, clipping, ZeRO stage and precision."""
+        t = self.cfg.train
+        out = ds.finalize_ds_config(ds_dict, micro_batch=t.batch_size, grad_accum=self.grad_accum,
+                                    world_size=self.world, grad_clip=self.cfg.optim.grad_clip,
+                                    zero_stage=None if t.zero_stage < 0 else t.zero_stage, bf16=bf16)
+        stage, allowed = out["zero_optimization"].get("stage", 0), type(self.cfg).ZERO_STAGES
+        if stage not in allowed:
+            raise ConfigError(f"ZeRO stage {stage} in '{t.deepspeed_config}' is not supported by the {self.name} stage; "
+                              f"use one of {', '.join(map(str, allowed))} (train.zero_stage)")
+        return out
 
     # -- models and engines ------------------------------------------------------------------
     def prepare(self) -> None:
@@ -183,8 +211,6 @@ class Trainer:
 
     def setup(self) -> None:
         s, t = self.stage, self.train
-        import os
-
         env_world = int(os.environ.get("WORLD_SIZE", "1"))
         s.check(env_world)
         s.loader = s.build_loader()  # fails fast on a missing/empty dataset, before the process group starts

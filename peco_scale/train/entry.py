@@ -1,38 +1,57 @@
-"""The shared body of the launch/ entry points: --help, logging, the error lines and exit codes.
+"""The shared body of the launch/ entry points: ``main(stage, argv, doc)`` parses, checks and
+trains the stage named (a module of this package with ``CONFIG``, ``resolve``, ``run``, ``report``
+and ``USER_ERRORS``), with --help, logging, the error lines and exit codes.
 
 Exit codes: 0 done, 2 bad input (one ``error:`` line: ConfigError, DataError, or a stage's own
 user-error types), 3 non-finite loss, 4 a checkpoint could not be written (full disk; the previous
 one is kept), 75 stopped by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint (resume with
-``--resume auto``; the SLURM scripts requeue on it). ``run(argv)`` parses, checks and trains,
-returning the stage's summary; ``report(summary)`` prints it on rank 0, which also writes it to
-``<run>/summary.json`` for ``python -m peco_scale.collect``.
+``--resume auto``; the SLURM scripts requeue on it). The stage's summary is printed by its
+``report`` on rank 0, which also writes it to ``<run>/summary.json`` (read by the collect tool).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 
-def run_entry(argv: list[str], doc: str, cls: type, aliases: dict[str, str],
-              run: Callable[[list[str]], dict[str, Any]], report: Callable[[dict[str, Any]], None],
-              user_errors: tuple[type[BaseException], ...] = ()) -> int:
+def main(stage: str, argv: list[str], doc: str) -> int:
+    """Run the stage ``peco_scale.train.<stage>`` from command-line flags; returns the exit code."""
+    spec = importlib.import_module(f"{__package__}.{stage}")
+
+    def run(args: list[str]) -> dict[str, Any]:
+        from .config import config_from_argv
+
+        cfg, ds_dict = config_from_argv(args, spec.CONFIG)
+        spec.resolve(cfg)  # every cheap check, before the process group or any model exists
+        return spec.run(cfg, ds_dict)
+
+    return run_entry(argv, doc, spec.CONFIG, run, spec.report, spec.USER_ERRORS)
+
+
+def run_entry(argv: list[str], doc: str, cls: type, run: Callable[[list[str]], dict[str, Any]],
+              report: Callable[[dict[str, Any]], None], user_errors: tuple[type[BaseException], ...] = ()) -> int:
     from ..config import ConfigError, describe
+    from .config import COMMON_ALIASES, REMOVED, RENAMED
 
     if "-h" in argv or "--help" in argv:
         print(doc)
         print("options (--config FILE.json|yaml, then --section.key VALUE overrides):")
         print("\n".join(describe(cls)))
+        aliases = {**COMMON_ALIASES, **cls.ALIASES}
         print("shorthands: " + ", ".join(f"--{k} = --{v}" for k, v in aliases.items()))
+        print("renamed keys (still accepted): " + ", ".join(f"{k} -> {v}" for k, v in RENAMED.items()))
+        print("removed keys: " + "; ".join(f"{k}: {v}" for k, v in REMOVED.items()))
         return 0
     from ..data import DataError
-    from .checkpoint import CheckpointError
-    from .common import NonFiniteLoss
-    from .dist import shutdown_distributed, world_size
-    from .logger import setup_logging
-    from .preempt import EXIT_REQUEUE, Interrupted, StopFlag
+    from ..engine.checkpoint import CheckpointError
+    from ..engine.common import NonFiniteLoss
+    from ..engine.dist import shutdown_distributed, world_size
+    from ..engine.logger import setup_logging
+    from ..engine.preempt import EXIT_REQUEUE, Interrupted, StopFlag
 
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)

@@ -8,7 +8,7 @@ r"""Stage 3: fine-tune a pre-trained backbone for classification, under DeepSpee
 --init takes a stage-2 run (or checkpoint) folder, an exported backbone.safetensors, or a timm
 checkpoint file. Writes <train.output_dir>/{config.json, metrics.jsonl, checkpoints/} with
 checkpoints/best naming the best-top-1 checkpoint; export it for timm with
-`python -m peco_scale.export <run>/checkpoints/<best step>`.
+`python -m peco_scale.tools.export <run>/checkpoints/<best step>`.
 """
 
 import sys

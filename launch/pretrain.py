@@ -8,7 +8,7 @@ r"""Stage 2: masked image modeling over a frozen PeCo tokenizer, under DeepSpeed
 The recipe (--deepspeed_config) names the model, resolution, batch and optimizer; any key can
 be overridden with --section.key VALUE (or --config FILE.yaml). Writes
 <train.output_dir>/{config.json, metrics.jsonl, checkpoints/}; export a backbone for timm with
-`python -m peco_scale.export <checkpoint> --out backbone.safetensors`.
+`python -m peco_scale.tools.export <checkpoint> --out backbone.safetensors`.
 """
 
 import sys

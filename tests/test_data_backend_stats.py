@@ -65,7 +65,7 @@ def _source(backend, root, tmp_path):
 
 
 def _measure(backend, root, tmp_path, jitter):
-    spec = AugmentSpec(48, "stage2", tokenizer_size=48, jitter=jitter, mask=dict(grid=(3, 3), num_masked=3))
+    spec = AugmentSpec(48, "pretrain", tokenizer_size=48, jitter=jitter, mask=dict(grid=(3, 3), num_masked=3))
     loader = make_loader(backend, _source(backend, root, tmp_path), spec, batch_size=16, rank=0, world_size=1, seed=0,
                          workers=1)
     crops, bright = [], []

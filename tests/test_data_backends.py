@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT
 from peco_scale.data import AugmentSpec, DataError, make_loader
 
-SPEC2 = AugmentSpec(64, "stage2", tokenizer_size=32, mask=dict(grid=(4, 4), num_masked=6))
+SPEC2 = AugmentSpec(64, "pretrain", tokenizer_size=32, mask=dict(grid=(4, 4), num_masked=6))
 
 
 def _indices(loader, epoch, start=0):
@@ -22,21 +22,21 @@ def _indices(loader, epoch, start=0):
     return [int(i) for b in loader for i in b["index"]]
 
 
-@pytest.mark.parametrize("task", ["stage1", "stage2", "finetune"])
+@pytest.mark.parametrize("task", ["tokenizer", "pretrain", "finetune"])
 def test_folder_batches_follow_the_contract(demo_data, task):
     spec = AugmentSpec(64, task, tokenizer_size=32, mask=dict(grid=(4, 4), num_masked=6))
     loader = make_loader("folder", demo_data, spec, batch_size=8, seed=0)
     loader.set_epoch(0)
     b = next(iter(loader))
     assert b["label"].dtype == torch.int64 and b["label"].shape == (8,) and b["skipped"] == 0
-    if task == "stage2":
+    if task == "pretrain":
         assert b["patch"].shape == (8, 3, 64, 64) and b["tokenizer"].shape == (8, 3, 32, 32)
         assert b["mask"].dtype == torch.bool and b["mask"].flatten(1).sum(1).eq(6).all()
         assert -1 <= b["tokenizer"].min() and b["tokenizer"].max() <= 1
     else:
         img = b["image"]
         assert img.shape == (8, 3, 64, 64)
-        if task == "stage1":
+        if task == "tokenizer":
             assert -1 <= img.min() and img.max() <= 1
         else:  # ImageNet normalisation: values beyond [-1, 1] occur
             assert img.min() < -1.0 or img.max() > 1.0
@@ -108,7 +108,7 @@ def _check_modes(loader, root, cases):
 
 def test_every_mode_decodes_right_on_the_folder_backend(mode_folder):
     root, cases = mode_folder
-    loader = make_loader("folder", root, AugmentSpec(32, "stage1", **IDENTITY), batch_size=len(cases), seed=0)
+    loader = make_loader("folder", root, AugmentSpec(32, "tokenizer", **IDENTITY), batch_size=len(cases), seed=0)
     _check_modes(loader, root, cases)
 
 
@@ -118,7 +118,7 @@ def test_every_mode_decodes_right_on_the_dali_backend(mode_folder, device):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     root, cases = mode_folder
-    loader = make_loader("dali", root, AugmentSpec(32, "stage1", **IDENTITY), batch_size=len(cases), rank=0,
+    loader = make_loader("dali", root, AugmentSpec(32, "tokenizer", **IDENTITY), batch_size=len(cases), rank=0,
                          world_size=1, seed=0, workers=1, device=device)
     _check_modes(loader, root, cases)
 
@@ -132,5 +132,5 @@ def test_every_mode_decodes_right_on_the_ffcv_backend(mode_folder, tmp_path):
     beton = tmp_path / "modes.beton"
     stats = write_beton(root, beton, max_resolution=32, mode="raw", workers=1, progress=False)
     assert stats["written"] == len(cases) and stats["skipped"] == 0
-    loader = make_loader("ffcv", beton, AugmentSpec(32, "stage1", **IDENTITY), batch_size=len(cases), seed=0)
+    loader = make_loader("ffcv", beton, AugmentSpec(32, "tokenizer", **IDENTITY), batch_size=len(cases), seed=0)
     _check_modes(loader, root, cases)

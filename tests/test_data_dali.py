@@ -20,9 +20,9 @@ from peco_scale.data.mim import denormalize_patch  # noqa: E402
 MASK = {"grid": 4, "num_masked": 6}
 
 
-def make(root, task="stage2", *, bs=8, rank=0, ws=1, seed=0, size=64, **spec):
-    spec.setdefault("tokenizer_size", 32 if task == "stage2" else 0)
-    spec.setdefault("mask", MASK if task == "stage2" else {})
+def make(root, task="pretrain", *, bs=8, rank=0, ws=1, seed=0, size=64, **spec):
+    spec.setdefault("tokenizer_size", 32 if task == "pretrain" else 0)
+    spec.setdefault("mask", MASK if task == "pretrain" else {})
     return DALILoader(root, AugmentSpec(size, task=task, **spec), batch_size=bs, rank=rank,
                       world_size=ws, seed=seed, workers=2)
 
@@ -32,17 +32,17 @@ def first(loader):
         return b
 
 
-@pytest.mark.parametrize("task", ["stage1", "stage2", "finetune"])
+@pytest.mark.parametrize("task", ["tokenizer", "pretrain", "finetune"])
 def test_batch_contract(demo_data, task):
     b = first(make(demo_data, task))
-    expect = {"stage1": {"image", "label", "index", "skipped"},
+    expect = {"tokenizer": {"image", "label", "index", "skipped"},
               "finetune": {"image", "label", "index", "skipped"},
-              "stage2": {"patch", "tokenizer", "mask", "label", "index", "skipped"}}[task]
+              "pretrain": {"patch", "tokenizer", "mask", "label", "index", "skipped"}}[task]
     assert set(b) == expect
     assert b["label"].dtype == torch.int64 and b["label"].shape == (8,)
     assert b["index"].dtype == torch.int64 and b["index"].shape == (8,)
     assert isinstance(b["skipped"], int) and b["skipped"] == 0
-    if task == "stage2":
+    if task == "pretrain":
         assert b["patch"].shape == (8, 3, 64, 64) and b["patch"].dtype == torch.float32
         assert b["tokenizer"].shape == (8, 3, 32, 32) and b["tokenizer"].dtype == torch.float32
         assert b["tokenizer"].min() >= -1 and b["tokenizer"].max() <= 1
@@ -56,7 +56,7 @@ def test_batch_contract(demo_data, task):
     else:
         img = b["image"]
         assert img.shape == (8, 3, 64, 64) and img.dtype == torch.float32
-        if task == "stage1":
+        if task == "tokenizer":
             assert img.min() >= -1 and img.max() <= 1
         else:
             assert img.min() < -1.2 or img.max() > 1.2  # ImageNet-normalised, not [-1, 1]
@@ -64,7 +64,7 @@ def test_batch_contract(demo_data, task):
 
 
 def test_two_views_share_one_crop_and_match_pil(demo_data):
-    b = first(make(demo_data, "stage2", jitter=0.0, seed=3))
+    b = first(make(demo_data, "pretrain", jitter=0.0, seed=3))
     patch01 = denormalize_patch(b["patch"])
     tok01 = (b["tokenizer"] + 1) / 2
     down = F.interpolate(patch01, size=32, mode="bilinear", antialias=True, align_corners=False)
@@ -108,7 +108,7 @@ def test_crop_window_distribution():
 def test_sharding_covers_epoch_once(demo_data):
     per_rank = []
     for rank in range(2):
-        loader = make(demo_data, "stage1", bs=8, rank=rank, ws=2, seed=5, size=32, jitter=0.0)
+        loader = make(demo_data, "tokenizer", bs=8, rank=rank, ws=2, seed=5, size=32, jitter=0.0)
         loader.set_epoch(2)
         got = [b["index"] for b in loader]
         assert len(got) == loader.batches_per_epoch == 300 // 16
@@ -122,10 +122,10 @@ def test_sharding_covers_epoch_once(demo_data):
 
 
 def test_mid_epoch_resume_continues_exactly(demo_data):
-    full = make(demo_data, "stage2", bs=16, seed=1)
+    full = make(demo_data, "pretrain", bs=16, seed=1)
     full.set_epoch(1)
     batches = list(full)
-    resumed = make(demo_data, "stage2", bs=16, seed=1)
+    resumed = make(demo_data, "pretrain", bs=16, seed=1)
     resumed.set_epoch(1)
     resumed.set_start_batch(12)
     rest = list(resumed)
@@ -158,7 +158,7 @@ def test_truncated_file_is_skipped_and_counted(demo_data, tmp_path, verify, fmt)
     data = open(path, "rb").read()
     with open(path, "wb") as f:
         f.write(data[: len(data) // 2])
-    loader = DALILoader(root, AugmentSpec(32, task="stage1"), batch_size=10, rank=0,
+    loader = DALILoader(root, AugmentSpec(32, task="tokenizer"), batch_size=10, rank=0,
                         world_size=1, seed=0, workers=2, verify=verify)
     batches = list(loader)
     assert len(batches) == loader.batches_per_epoch == 30
@@ -170,22 +170,22 @@ def test_truncated_file_is_skipped_and_counted(demo_data, tmp_path, verify, fmt)
 def test_bad_input_errors(tmp_path, demo_data, monkeypatch):
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     with pytest.raises(DataError, match="contains no images"):
-        make(tmp_path / "empty", "stage1")
+        make(tmp_path / "empty", "tokenizer")
     with pytest.raises(DataError, match="does not exist"):
-        make(tmp_path / "missing", "stage1")
+        make(tmp_path / "missing", "tokenizer")
     with pytest.raises(DataError, match="tokenizer_size"):
-        make(demo_data, "stage2", tokenizer_size=0)
+        make(demo_data, "pretrain", tokenizer_size=0)
     with pytest.raises(DataError, match="grid"):
-        make(demo_data, "stage2", mask={})
+        make(demo_data, "pretrain", mask={})
     with pytest.raises(DataError, match="smaller than one global batch"):
-        make(demo_data, "stage1", bs=200, ws=2)
+        make(demo_data, "tokenizer", bs=200, ws=2)
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
     with pytest.raises(ImportError, match=r"pip install -e '\.\[dali\]'"):
-        make(demo_data, "stage1")
+        make(demo_data, "tokenizer")
 
 
 def test_equal_view_sizes_share_the_jittered_resize(demo_data):
-    b = first(make(demo_data, "stage2", seed=4, tokenizer_size=64, jitter=0.4))
+    b = first(make(demo_data, "pretrain", seed=4, tokenizer_size=64, jitter=0.4))
     patch01 = denormalize_patch(b["patch"])
     tok01 = (b["tokenizer"] + 1) / 2
     assert (patch01 - tok01).abs().max() < 1e-4  # one resize + jitter, two normalisations
@@ -197,7 +197,7 @@ def test_files_are_checked_once_per_process(demo_data, monkeypatch):
     calls = []
     real = dali_backend._check_bytes
     monkeypatch.setattr(dali_backend, "_check_bytes", lambda data, full: calls.append(1) or real(data, full))
-    loader = make(demo_data, "stage1", bs=50, size=32, jitter=0.0)
+    loader = make(demo_data, "tokenizer", bs=50, size=32, jitter=0.0)
     for epoch in range(2):
         loader.set_epoch(epoch)
         assert sum(len(x["index"]) for x in loader) == 300

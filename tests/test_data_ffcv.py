@@ -35,7 +35,7 @@ def beton(demo_data, tmp_path_factory):
 
 
 def _spec(task, size=32, **kw):
-    if task == "stage2":
+    if task == "pretrain":
         kw.setdefault("tokenizer_size", size // 2)
         kw.setdefault("mask", MASK)
     return AugmentSpec(img_size=size, task=task, **kw)
@@ -46,7 +46,7 @@ def _first(loader):
         return b
 
 
-@pytest.mark.parametrize("task", ["stage1", "stage2", "finetune"])
+@pytest.mark.parametrize("task", ["tokenizer", "pretrain", "finetune"])
 def test_batch_contract(beton, task):
     loader = FFCVLoader(beton, _spec(task), batch_size=16, seed=0, workers=2)
     assert loader.batches_per_epoch == 300 // 16
@@ -54,7 +54,7 @@ def test_batch_contract(beton, task):
     assert b["skipped"] == 0
     assert b["label"].dtype == torch.int64 and b["label"].shape == (16,)
     assert b["index"].dtype == torch.int64 and b["index"].shape == (16,)
-    if task == "stage1":
+    if task == "tokenizer":
         x = b["image"]
         assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32
         assert x.min() >= -1 and x.max() <= 1 and x.min() < -0.5 and x.max() > 0.5
@@ -76,8 +76,8 @@ def test_batch_contract(beton, task):
         assert (m.flatten(1).sum(1) == MASK["num_masked"]).all()
 
 
-def test_stage2_views_share_one_crop(beton):
-    loader = FFCVLoader(beton, _spec("stage2", size=64, tokenizer_size=32), batch_size=32, seed=3, workers=2)
+def test_pretrain_views_share_one_crop(beton):
+    loader = FFCVLoader(beton, _spec("pretrain", size=64, tokenizer_size=32), batch_size=32, seed=3, workers=2)
     b = _first(loader)
     patch01 = b["patch"] * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     tok01 = b["tokenizer"] * 0.5 + 0.5
@@ -92,7 +92,7 @@ def test_stage2_views_share_one_crop(beton):
 def test_sharding_two_ranks_cover_epoch_once(beton):
     bs, per = 16, {}
     for rank in range(2):
-        loader = FFCVLoader(beton, _spec("stage1", size=16, jitter=0.0), batch_size=bs, rank=rank,
+        loader = FFCVLoader(beton, _spec("tokenizer", size=16, jitter=0.0), batch_size=bs, rank=rank,
                             world_size=2, seed=5, workers=1)
         loader.set_epoch(2)
         batches = [b["index"].numpy() for b in loader]
@@ -109,7 +109,7 @@ def test_sharding_two_ranks_cover_epoch_once(beton):
 
 
 def test_resume_mid_epoch_is_exact_and_deterministic(beton):
-    spec = _spec("stage2", size=32, tokenizer_size=16)
+    spec = _spec("pretrain", size=32, tokenizer_size=16)
     full = FFCVLoader(beton, spec, batch_size=32, seed=7, workers=2)
     full.set_epoch(1)
     ref = list(full)
@@ -149,7 +149,7 @@ def test_writer_skips_and_counts_corrupt_images(demo_data, tmp_path):
     side = json.loads(out.with_name("c.beton.json").read_text())
     assert side["count"] == n_scanned - 2 and side["skipped"] == 2
     assert not list(tmp_path.glob("*.tmp-*")) and not list(tmp_path.glob("*.parts"))  # nothing left behind
-    loader = FFCVLoader(out, _spec("stage1", size=16), batch_size=8, seed=0, workers=1)
+    loader = FFCVLoader(out, _spec("tokenizer", size=16), batch_size=8, seed=0, workers=1)
     seen = np.concatenate([b["index"].numpy() for b in loader])
     kept_folder_idx = [i for i, (p, _) in enumerate(scan_image_folder(src)[0]) if "zz_" not in p]
     assert set(seen.tolist()) <= set(kept_folder_idx) and len(seen) == (n_scanned - 2) // 8 * 8
@@ -161,13 +161,13 @@ def test_bad_inputs_raise_one_line(beton, tmp_path, monkeypatch):
         assert "\n" not in msg and all(w in msg for w in words), msg
 
     with pytest.raises(DataError) as e:
-        FFCVLoader(tmp_path / "nope.beton", _spec("stage1"), batch_size=4, seed=0)
+        FFCVLoader(tmp_path / "nope.beton", _spec("tokenizer"), batch_size=4, seed=0)
     one_line(e, "nope.beton", "does not exist")
     with pytest.raises(DataError) as e:
-        FFCVLoader(beton, _spec("stage2", size=128, tokenizer_size=64), batch_size=4, seed=0)
+        FFCVLoader(beton, _spec("pretrain", size=128, tokenizer_size=64), batch_size=4, seed=0)
     one_line(e, "max_resolution=96", "128")
     with pytest.raises(DataError) as e:
-        FFCVLoader(beton, _spec("stage1"), batch_size=200, world_size=2, rank=0, seed=0)
+        FFCVLoader(beton, _spec("tokenizer"), batch_size=200, world_size=2, rank=0, seed=0)
     one_line(e, "smaller than one global batch")
     bad = tmp_path / "bad" / "cls"
     bad.mkdir(parents=True)
@@ -181,7 +181,7 @@ def test_bad_inputs_raise_one_line(beton, tmp_path, monkeypatch):
     one_line(e, "does not exist")
     monkeypatch.setitem(sys.modules, "ffcv", None)
     with pytest.raises(ImportError) as e:
-        FFCVLoader(beton, _spec("stage1"), batch_size=4, seed=0)
+        FFCVLoader(beton, _spec("tokenizer"), batch_size=4, seed=0)
     one_line(e, "pip install -e '.[ffcv]'", "make syslibs")
 
 
@@ -189,7 +189,7 @@ _EARLY_EXIT = """
 import sys
 from peco_scale.data import AugmentSpec
 from peco_scale.data.ffcv_backend import FFCVLoader
-spec = AugmentSpec(32, "stage2", tokenizer_size=16, mask=dict(grid=4, num_masked=6))
+spec = AugmentSpec(32, "pretrain", tokenizer_size=16, mask=dict(grid=4, num_masked=6))
 loader = FFCVLoader(sys.argv[1], spec, batch_size=8, seed=0, workers=2)
 for epoch in range(2):
     loader.set_epoch(epoch)
@@ -214,7 +214,7 @@ def test_early_exit_stops_ffcv_threads_and_exits_zero(beton):
 def test_generator_close_joins_threads(beton):
     import threading
 
-    loader = FFCVLoader(beton, _spec("stage1", size=16), batch_size=8, seed=0, workers=2)
+    loader = FFCVLoader(beton, _spec("tokenizer", size=16), batch_size=8, seed=0, workers=2)
     before = {t for t in threading.enumerate()}
     g = iter(loader)
     next(g)
@@ -290,5 +290,5 @@ def test_partial_conversion_with_other_settings_starts_over(demo_data, tmp_path)
     (parts / "chunk-000001.npz.tmp-123").write_bytes(b"half")
     s = write_beton(demo_data, out, max_resolution=48, workers=2, progress=False, chunk_size=64)
     assert s["reused_chunks"] == 0 and s["written"] == 300 and not parts.exists()
-    loader = FFCVLoader(out, _spec("stage1", size=16), batch_size=50, seed=0, workers=1)
+    loader = FFCVLoader(out, _spec("tokenizer", size=16), batch_size=50, seed=0, workers=1)
     assert sum(b["image"].shape[0] for b in loader) == 300

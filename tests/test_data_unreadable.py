@@ -102,7 +102,7 @@ WORKER_SCRIPT = textwrap.dedent("""
         (root / c).mkdir(parents=True)
         for i in range(8):
             Image.fromarray(np.full((20, 20, 3), 10 * i, np.uint8)).save(root / c / f"{i}.png")
-    loader = make_loader("folder", root, AugmentSpec(16, "stage1"), batch_size=4, workers=1, seed=0)
+    loader = make_loader("folder", root, AugmentSpec(16, "tokenizer"), batch_size=4, workers=1, seed=0)
     for p in root.rglob("*.png"):  # every file turns unreadable after the loader checked the folder
         p.write_bytes(b"garbage")
     loader.set_epoch(0)

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             make_demo_dataset(data, images_per_class=160, min_size=375, max_size=500)
         grid = args.img_size // args.patch_size
         n = grid * grid
-        spec = AugmentSpec(args.img_size, "stage2", tokenizer_size=grid * args.tokenizer_downsample,
+        spec = AugmentSpec(args.img_size, "pretrain", tokenizer_size=grid * args.tokenizer_downsample,
                            mask=dict(grid=(grid, grid), num_masked=default_num_masked(n), min_block=default_min_block(n)))
         source = _source(args.backend, data, args.max_resolution, args.workers)
         loader = make_loader(args.backend, source, spec, batch_size=args.batch_size, rank=0, world_size=1, seed=0,

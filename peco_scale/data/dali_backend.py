@@ -144,7 +144,7 @@ class DALILoader(ShardedPosition):
         self.root = resolve_image_root(root)
         self.samples, self.classes, self.n_ignored = scan_image_folder(root)  # DataError if empty
         self.mask_gen: BlockMaskGenerator | None = None
-        if spec.task == "stage2":
+        if spec.task == "pretrain":
             if spec.tokenizer_size < 1:
                 raise DataError(f"stage 2 needs tokenizer_size >= 1 (got {spec.tokenizer_size}); set "
                                 "AugmentSpec.tokenizer_size to the tokenizer's input size")
@@ -235,7 +235,7 @@ class DALILoader(ShardedPosition):
                              prefetch_queue_depth=self.prefetch)
         gpu = self.device_id is not None
         with pipe:
-            stage2 = spec.task == "stage2"
+            two_views = spec.task == "pretrain"
             src = dict(zip(self._fields, fn.external_source(source=source, num_outputs=len(self._fields),
                                                             batch=True)))
             img = fn.decoders.image_slice(src["enc"], src["anchor"], src["shape"], device="mixed" if gpu else "cpu",
@@ -243,10 +243,10 @@ class DALILoader(ShardedPosition):
                                           normalized_shape=False, adjust_orientation=False)
             # one resize per distinct view size (views of equal size share it); uint8 HWC out, the
             # flip / jitter / normalisation follow in one fused pass per view (colour.py)
-            self._sizes_out = sorted({spec.img_size, spec.tokenizer_size} if stage2 else {spec.img_size})
+            self._sizes_out = sorted({spec.img_size, spec.tokenizer_size} if two_views else {spec.img_size})
             views = [fn.resize(img, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC, antialias=True)
                      for size in self._sizes_out]
-            extra = (src["mask"],) if stage2 else ()
+            extra = (src["mask"],) if two_views else ()
             pipe.set_outputs(*views, src["flip"], src["factors"], src["order"], src["label"], src["index"],
                              src["skipped"], *extra)
         return pipe
@@ -271,15 +271,15 @@ class DALILoader(ShardedPosition):
         half = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         imagenet = (IMAGENET_MEAN, IMAGENET_STD)
         spec = self.spec
-        want = ({"patch": (spec.img_size, imagenet), "tokenizer": (spec.tokenizer_size, half)} if spec.task == "stage2"
-                else {"image": (spec.img_size, half if spec.task == "stage1" else imagenet)})
+        want = ({"patch": (spec.img_size, imagenet), "tokenizer": (spec.tokenizer_size, half)} if spec.task == "pretrain"
+                else {"image": (spec.img_size, half if spec.task == "tokenizer" else imagenet)})
         batch: dict[str, Any] = {}
         for size in self._sizes_out:  # one jitter pass per resized view, normalised once per key
             keys = [key for key, (sz, _) in want.items() if sz == size]
             img = self._tensor(views[size], torch.uint8)  # [B, H, W, 3]: CUDA for "mixed", else CPU
             xs = flip_jitter_normalize_views(img, flip, factors, order, [want[k][1] for k in keys], device=dev)
             batch.update(zip(keys, xs))
-        if spec.task == "stage2":
+        if spec.task == "pretrain":
             batch["mask"] = torch.from_numpy(outs[nv + 6].as_array().astype(bool)).to(dev)
         batch["label"] = torch.from_numpy(label.astype(np.int64)).to(dev)
         batch["index"] = torch.from_numpy(index.astype(np.int64)).to(dev)

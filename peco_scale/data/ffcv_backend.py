@@ -527,9 +527,9 @@ class FFCVLoader(ShardedPosition):
         if spec.task not in TASKS:
             raise DataError(f"task={spec.task!r} is not one of {TASKS}")
         self.spec = spec
-        if spec.task == "stage2":
+        if spec.task == "pretrain":
             if spec.tokenizer_size < 1:
-                raise DataError(f"stage2 needs tokenizer_size >= 1 (got {spec.tokenizer_size}); "
+                raise DataError(f"pretrain needs tokenizer_size >= 1 (got {spec.tokenizer_size}); "
                                 "set it to the tokenizer's input side, e.g. img_size")
             self.crop_size = max(spec.img_size, spec.tokenizer_size)
             mask_kw = dict(spec.mask)
@@ -641,7 +641,7 @@ class FFCVLoader(ShardedPosition):
                                  antialias=True).clamp_(0.0, 1.0)
 
         out: dict[str, Any] = {"label": lab.to(dev), "index": torch.from_numpy(idx).to(dev), "skipped": 0}
-        if spec.task == "stage1":
+        if spec.task == "tokenizer":
             out["image"] = resized(spec.img_size) * 2.0 - 1.0
         elif spec.task == "finetune":
             out["image"] = (resized(spec.img_size) - self._mean) / self._std

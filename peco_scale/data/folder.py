@@ -288,14 +288,14 @@ class FolderLoader(ShardedPosition):
 
 
 def _folder_transform(spec: AugmentSpec):
-    if spec.task == "stage2":
+    if spec.task == "pretrain":
         return MIMTransform(spec.img_size, spec.tokenizer_size, BlockMaskGenerator(**spec.mask), scale=spec.scale,
                             ratio=spec.ratio, hflip=spec.hflip, jitter=spec.jitter)
-    if spec.task == "stage1" and spec.jitter == 0 and spec.hflip == 0.5 and tuple(spec.ratio) == (3 / 4, 4 / 3):
+    if spec.task == "tokenizer" and spec.jitter == 0 and spec.hflip == 0.5 and tuple(spec.ratio) == (3 / 4, 4 / 3):
         return tokenizer_transform(spec.img_size, scale=spec.scale)  # the stage-1 trainer's own transform
     ops = [T.RandomResizedCrop(spec.img_size, scale=spec.scale, ratio=spec.ratio,
                                interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip(spec.hflip)]
     if spec.jitter > 0:
         ops.append(T.ColorJitter(spec.jitter, spec.jitter, spec.jitter))
-    mean, std = ((0.5,) * 3, (0.5,) * 3) if spec.task == "stage1" else (IMAGENET_MEAN, IMAGENET_STD)
+    mean, std = ((0.5,) * 3, (0.5,) * 3) if spec.task == "tokenizer" else (IMAGENET_MEAN, IMAGENET_STD)
     return T.Compose([*ops, T.ToTensor(), T.Normalize(mean, std)])

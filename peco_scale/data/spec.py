@@ -4,10 +4,10 @@ heavy (no torch) and nothing else from ``peco_scale.data``.
 
 Every backend's loader yields, per task (tensors on the loader's device, channel-first):
 
-- ``"stage1"``:   {"image": float [B, 3, S, S] in [-1, 1], "label": int64 [B], "skipped": int}
-- ``"stage2"``:   {"patch": float [B, 3, S, S] ImageNet-normalised, "tokenizer": float
-                  [B, 3, T, T] in [-1, 1], "mask": bool [B, h, w], "label": int64 [B], "skipped": int}
-- ``"finetune"``: {"image": float [B, 3, S, S] ImageNet-normalised, "label": int64 [B], "skipped": int}
+- ``"tokenizer"``: {"image": float [B, 3, S, S] in [-1, 1], "label": int64 [B], "skipped": int}
+- ``"pretrain"``:  {"patch": float [B, 3, S, S] ImageNet-normalised, "tokenizer": float
+                   [B, 3, T, T] in [-1, 1], "mask": bool [B, h, w], "label": int64 [B], "skipped": int}
+- ``"finetune"``:  {"image": float [B, 3, S, S] ImageNet-normalised, "label": int64 [B], "skipped": int}
 
 "skipped" counts the unreadable images replaced in that batch. ``batches_per_epoch`` is the same
 on every rank; ``set_epoch``/``set_start_batch`` give a seeded, drop-last, rank-sharded order and
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol
 
 BACKENDS = ("folder", "ffcv", "dali")
-TASKS = ("stage1", "stage2", "finetune")
+TASKS = ("tokenizer", "pretrain", "finetune")
 
 
 class DataError(ValueError):
@@ -37,7 +37,7 @@ class AugmentSpec:
     """The augmentation every backend applies, with the same distributions."""
 
     img_size: int
-    task: str = "stage2"
+    task: str = "pretrain"
     scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area fraction
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio (log-uniform)
     hflip: float = 0.5  # horizontal flip probability

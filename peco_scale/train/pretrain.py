@@ -35,7 +35,7 @@ class PretrainStage(Stage):
 
     def build_loader(self):
         d, r = self.cfg.data, self.r
-        spec = AugmentSpec(r.img_size, "stage2", scale=(d.min_crop_scale, 1.0), hflip=d.hflip, jitter=d.jitter,
+        spec = AugmentSpec(r.img_size, "pretrain", scale=(d.min_crop_scale, 1.0), hflip=d.hflip, jitter=d.jitter,
                            tokenizer_size=r.tokenizer_img_size,
                            mask=dict(grid=r.grid, num_masked=r.num_masked, min_block=r.min_block,
                                      min_aspect=self.cfg.mask.min_aspect))

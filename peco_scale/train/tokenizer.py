@@ -43,7 +43,7 @@ class TokenizerStage(Stage):
 
     def build_loader(self):
         d = self.cfg.data
-        spec = AugmentSpec(d.img_size, "stage1", scale=(d.min_crop_scale, 1.0), hflip=d.hflip, jitter=d.jitter)
+        spec = AugmentSpec(d.img_size, "tokenizer", scale=(d.min_crop_scale, 1.0), hflip=d.hflip, jitter=d.jitter)
         return self.make_loader(spec, self.cfg.train.batch_size)
 
     def build_models(self) -> None:

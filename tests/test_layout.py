@@ -1,0 +1,113 @@
+"""The floor plan, checked from the source text: imports go one way with no circle, entry points
+stay thin, no function grows past 80 lines."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "peco_scale"
+# the old one-file aliases of the tools (``python -m peco_scale.export`` ...) import tools/
+ALIASES = {"peco_scale.export", "peco_scale.probe", "peco_scale.plan", "peco_scale.tokenize",
+           "peco_scale.collect", "peco_scale.plot"}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PKG.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports, at module level or inside functions."""
+    mods = _modules()
+    graph = {}
+    for name, path in mods.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                found = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in mods] or [base]
+            elif isinstance(node, ast.Import):
+                found = [a.name for a in node.names]
+            else:
+                continue
+            for target in found:
+                while target and target not in mods:
+                    target = target.rpartition(".")[0]
+                if target and target != name and not name.startswith(target + "."):
+                    targets.add(target)
+        graph[name] = targets
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_cycle_finder_finds_a_planted_circle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circle():
+    graph = _graph()
+    assert "peco_scale.train.trainer" in graph and graph["peco_scale.train.pretrain"]  # the parser sees imports
+    assert _cycles(graph) == []
+
+
+def test_imports_go_one_way():
+    def layer(mod: str) -> str:
+        return mod.split(".")[1] if mod.count(".") else mod
+
+    bad = []
+    for mod, targets in _graph().items():
+        for t in targets:
+            if layer(t) == "tools" and layer(mod) != "tools" and mod not in ALIASES:
+                bad.append((mod, t))  # the library never imports a CLI tool
+            if layer(mod) in ("models", "data", "engine") and layer(t) in ("train", "tools", "gpu_check"):
+                bad.append((mod, t))  # lower layers never import the trainer or the tools
+            if layer(mod) in ("models", "data") and layer(t) == "engine":
+                bad.append((mod, t))
+    assert bad == []
+
+
+def test_entry_points_are_thin_and_functions_short():
+    for launcher in (ROOT / "launch").glob("*.py"):
+        assert len(launcher.read_text().splitlines()) < 50, launcher
+    longest = max(((n.end_lineno - n.lineno + 1, f"{p.relative_to(ROOT)}:{n.name}")
+                   for p in PKG.rglob("*.py") for n in ast.walk(ast.parse(p.read_text()))
+                   if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))))
+    assert longest[0] < 80, longest

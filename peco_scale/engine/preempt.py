@@ -16,13 +16,9 @@ import threading
 
 import torch
 
-from ..signals import STOP_SIGNALS, ignore_stop_signals
+from ..signals import STOP_SIGNALS
 from . import dist as pdist
 from .common import NonFiniteLoss
-
-# ignore_stop_signals / STOP_SIGNALS live in peco_scale/signals.py (data workers need them too; data
-# must not import engine) and are re-exported here for engine code.
-__all__ = ["EXIT_REQUEUE", "STOP_SIGNALS", "Interrupted", "StopFlag", "current", "ignore_stop_signals"]
 
 EXIT_REQUEUE = 75
 

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from peco_kernels import BACKENDS as KERNEL_BACKENDS  # the one tuple of backend names, re-exported
 from peco_kernels import masked_linear_cross_entropy
 from timm.layers import trunc_normal_
 
@@ -87,5 +86,3 @@ class MIMTask(nn.Module):
         hidden = self.backbone(patch_view, mask)
         loss, acc = self.head(hidden, targets, mask)
         return {"loss": loss, "mlm_acc": acc}
-
-__all__ = ["KERNEL_BACKENDS", "MIMHead", "MIMTask"]

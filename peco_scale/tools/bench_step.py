@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from peco_kernels import BACKENDS as KERNEL_BACKENDS
 from peco_kernels.bench import matmul_peak_tflops
 
 from ..config import ConfigError
@@ -39,7 +40,7 @@ from ..engine.common import peak_memory_gb
 from ..gpu_check import random_tokenizer
 from ..models.artifact import load_tokenizer
 from ..models.cost import mim_train_flops
-from ..models.mim import KERNEL_BACKENDS, MIMTask
+from ..models.mim import MIMTask
 from ..models.vit import MaskedViT, param_groups, parse_model_name
 
 

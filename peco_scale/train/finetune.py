@@ -133,7 +133,7 @@ class FinetuneStage(Stage):
         o, device = self.cfg.optim, self.device
         self.bf16 = use_bf16(self.cfg.train.precision, self.ds_dict, device)
         self.dtype = torch.bfloat16 if self.bf16 else torch.float32
-        self.ds_cfg = self.ds_config(self.ds_dict, self.bf16)
+        self.ds_cfg = self.ds_config(self.bf16)
         groups = layer_decay_groups(self.model, o.weight_decay, self.r.layer_decay)
         for g in groups:
             g.pop("names")

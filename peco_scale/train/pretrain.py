@@ -67,7 +67,7 @@ class PretrainStage(Stage):
         o, device = self.cfg.optim, self.device
         self.bf16 = use_bf16(self.cfg.train.precision, self.ds_dict, device)
         self.dtype = torch.bfloat16 if self.bf16 else torch.float32
-        self.ds_cfg = self.ds_config(self.ds_dict, self.bf16)
+        self.ds_cfg = self.ds_config(self.bf16)
         optimizer = torch.optim.AdamW(param_groups(self.task, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
                                       eps=o.eps, fused=device.type == "cuda")
         return {"model": ds.initialize(self.task.to(device), optimizer, self.ds_cfg)}

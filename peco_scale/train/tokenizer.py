@@ -60,7 +60,7 @@ class TokenizerStage(Stage):
 
     def build_engines(self) -> dict[str, Any]:
         cfg, device = self.cfg, self.device
-        ds_cfg = self.ds_config(self.ds_dict, bf16=False)  # precision is torch autocast (train.precision)
+        ds_cfg = self.ds_config(bf16=False)  # precision is torch autocast (train.precision)
         o = cfg.optim
         engines = {"model": ds.initialize(self.model.to(device), _adam(self.model.parameters(), o.lr, o,
                                                                         o.weight_decay, device), ds_cfg)}

@@ -122,10 +122,10 @@ class Stage:
         return make_loader(d.backend, d.path, spec, batch_size=batch_size, rank=int(os.environ.get("RANK", "0")),
                            world_size=world_from_env(), seed=self.cfg.train.seed, workers=d.workers, device=device)
 
-    def ds_config(self, ds_dict: dict[str, Any], bf16: bool) -> dict[str, Any]:
+    def ds_config(self, bf16: bool) -> dict[str, Any]:
         """The recipe's DeepSpeed dict with this run's batch, clipping, ZeRO stage and precision."""
         t = self.cfg.train
-        out = ds.finalize_ds_config(ds_dict, micro_batch=t.batch_size, grad_accum=self.grad_accum,
+        out = ds.finalize_ds_config(self.ds_dict, micro_batch=t.batch_size, grad_accum=self.grad_accum,
                                     world_size=self.world, grad_clip=self.cfg.optim.grad_clip,
                                     zero_stage=None if t.zero_stage < 0 else t.zero_stage, bf16=bf16)
         stage, allowed = out["zero_optimization"].get("stage", 0), type(self.cfg).ZERO_STAGES
@@ -211,7 +211,7 @@ class Trainer:
 
     def setup(self) -> None:
         s, t = self.stage, self.train
-        env_world = int(os.environ.get("WORLD_SIZE", "1"))
+        env_world = world_from_env()
         s.check(env_world)
         s.loader = s.build_loader()  # fails fast on a missing/empty dataset, before the process group starts
         s.run_dir = Path(t.output_dir)

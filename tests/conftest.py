@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,14 +85,46 @@ def read_metrics(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(demo_data, tmp_path_factory) -> Path:
-    """A tiny stage-1 tokenizer (1024 codes, 16x downsample) trained briefly on the demo data."""
+    """A tiny stage-1 tokenizer (1024 codes, 16x downsample) trained briefly on the demo data. Its
+    run folder (the artifact's parent) keeps metrics.jsonl and the launch's output in launch.log:
+    test_train_tokenizer checks on them that this run learned."""
     out = tmp_path_factory.mktemp("tokenizer")
     res = run_launch("launch/train_tokenizer.py",
                      tiny_args(demo_data, out, **{"data.img_size": 64, "train.batch_size": 16, "train.max_steps": 40,
-                                                  "train.log_every": 10, "train.ckpt_every": 1000,
+                                                  "train.log_every": 5, "train.ckpt_every": 1000,
                                                   "optim.warmup_steps": 5, "optim.lr": 1e-2}))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (out / "launch.log").write_text(res.stdout + res.stderr)
     return out / "tokenizer.safetensors"
+
+
+@pytest.fixture(scope="session")
+def pretrain_run(demo_data, tiny_tokenizer, tmp_path_factory) -> Path:
+    """A tiny stage-2 run (pico ViT at 64 px, 6 steps, checkpoints at 3 and 6, ZeRO-3 recipe, one
+    process). Tests that change a run folder work on a copy."""
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    res = run_launch("launch/pretrain.py", pretrain_args(demo_data, tiny_tokenizer, out))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return out
+
+
+def rewound_copy(run: Path, dest: Path, step: int) -> Path:
+    """A copy of the finished run folder ``run`` as a run stopped right after its checkpoint at
+    ``step`` leaves it: the later checkpoints, metrics rows and final artifacts gone, ``latest``
+    naming that checkpoint. Resuming it must give back the rest of ``run``."""
+    dest.mkdir(parents=True)
+    shutil.copytree(run / "checkpoints", dest / "checkpoints")
+    shutil.copy2(run / "config.json", dest / "config.json")
+    ckpts = dest / "checkpoints"
+    assert (ckpts / f"step_{step:08d}" / "COMPLETE").is_file(), sorted(p.name for p in ckpts.iterdir())
+    for folder in ckpts.glob("step_*"):
+        if int(folder.name.split("_")[1]) > step:
+            shutil.rmtree(folder)
+    (ckpts / "latest").write_text(f"step_{step:08d}\n")
+    rows = [line for line in (run / "metrics.jsonl").read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    (dest / "metrics.jsonl").write_text("".join(line + "\n" for line in rows))
+    return dest
 
 
 def pretrain_args(data: Path, tokenizer: Path, out: Path, **over) -> list[str]:

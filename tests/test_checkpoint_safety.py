@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, pretrain_args, read_metrics, run_launch, tiny_args
+from conftest import ROOT, pretrain_args, read_metrics, rewound_copy, run_launch, tiny_args
 
 SHM = Path("/dev/shm")
 
@@ -54,14 +54,12 @@ def _shm_files(port: int) -> list[str]:
     return [p.name for p in SHM.glob(f"deepspeed_allreduce_buffer_*_{port}_*")] if SHM.is_dir() else []
 
 
-def test_crafted_pickles_are_refused_by_export_and_resume(demo_data, tiny_tokenizer, tmp_path):
+def test_crafted_pickles_are_refused_by_export_and_resume(demo_data, tiny_tokenizer, pretrain_run, tmp_path):
     from peco_scale.engine.checkpoint import UnsafeCheckpoint, safe_load
 
-    run = tmp_path / "run"
-    args = pretrain_args(demo_data, tiny_tokenizer, run, max_steps=2, **{"train.ckpt_every": 2})
-    res = run_launch("launch/pretrain.py", args)
-    assert res.returncode == 0, res.stderr[-3000:]
-    step = run / "checkpoints" / "step_00000002"
+    run = rewound_copy(pretrain_run, tmp_path / "run", 3)
+    args = pretrain_args(demo_data, tiny_tokenizer, run)
+    step = run / "checkpoints" / "step_00000003"
     for f in step.rglob("*.pt"):  # everything the project itself writes passes the allow-list
         safe_load(f)
 
@@ -81,7 +79,7 @@ def test_crafted_pickles_are_refused_by_export_and_resume(demo_data, tiny_tokeni
     _plant(step / "rng_rank0.pt", marker)
     with pytest.raises(UnsafeCheckpoint):
         safe_load(step / "rng_rank0.pt")
-    res = run_launch("launch/pretrain.py", [*args, "--train.resume", "auto", "--max_steps", "4"])
+    res = run_launch("launch/pretrain.py", [*args, "--train.resume", "auto"])
     assert res.returncode == 2, res.stderr[-3000:]
     assert len(_error_lines(res)) == 1 and "rng_rank0.pt" in _error_lines(res)[0], res.stderr[-3000:]
     assert not marker.exists()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, pretrain_args, read_metrics, run_launch
+from conftest import ROOT, read_metrics, run_launch
 from peco_scale.config import ConfigError
 from peco_scale.data import make_demo_dataset
 from peco_scale.data.eval import EvalLoader
@@ -37,11 +37,9 @@ def val_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pretrained(demo_data, tiny_tokenizer, tmp_path_factory):
-    """A tiny stage-2 run (pico ViT at 64 px, 6 steps, ZeRO-3 recipe, one process)."""
-    out = tmp_path_factory.mktemp("pretrain")
-    _ok(run_launch("launch/pretrain.py", pretrain_args(demo_data, tiny_tokenizer, out)))
-    return out
+def pretrained(pretrain_run):
+    """The session's tiny stage-2 run (conftest.pretrain_run), read only: the fine-tunes' --init."""
+    return pretrain_run
 
 
 def ft_args(data, val, init, out, **over):

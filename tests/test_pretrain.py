@@ -3,6 +3,7 @@ and every bad-input error as users meet it (one `error:` line, exit 2, before an
 
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from conftest import pretrain_args, read_metrics, run_launch
+from conftest import pretrain_args, read_metrics, rewound_copy, run_launch
 from peco_scale.config import ConfigError
 from peco_scale.train.config import config_from_argv
 from peco_scale.train.pretrain_config import PretrainConfig, resolve_pretrain
@@ -67,12 +68,18 @@ def test_zero3_two_ranks_learns_and_exports_to_timm(demo_data, tiny_tokenizer, t
         load_file(res_exp["backbone"]), strict=True) is not None
 
 
+@pytest.fixture(scope="module")
+def two_rank_run(demo_data, tiny_tokenizer, tmp_path_factory) -> Path:
+    """6 steps on 2 ranks under ZeRO-3, checkpoints at 3 and 6; the tests below resume copies of it."""
+    out = tmp_path_factory.mktemp("two_ranks") / "run"
+    _ok(run_launch("launch/pretrain.py", pretrain_args(demo_data, tiny_tokenizer, out), ranks=2, port=29542))
+    return out
+
+
 @pytest.mark.slow
-def test_resume_reproduces_losses_and_refuses_other_tokenizer(demo_data, tiny_tokenizer, tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
-    _ok(run_launch("launch/pretrain.py", pretrain_args(demo_data, tiny_tokenizer, full), ranks=2, port=29542))
-    _ok(run_launch("launch/pretrain.py", pretrain_args(demo_data, tiny_tokenizer, part, max_steps=3),
-                   ranks=2, port=29543))
+def test_resume_reproduces_losses_and_refuses_other_tokenizer(demo_data, tiny_tokenizer, two_rank_run, tmp_path):
+    full = two_rank_run
+    part = rewound_copy(full, tmp_path / "part", 3)
     # a save killed midway: a newer folder without COMPLETE must be ignored by resume
     (part / "checkpoints" / "step_00000005").mkdir()
     other = tmp_path / "other_tokenizer.safetensors"
@@ -163,13 +170,11 @@ def test_bench_step_runs_and_records(tmp_path):
 
 
 @pytest.mark.slow
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(demo_data, tiny_tokenizer, tmp_path):
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(demo_data, tiny_tokenizer, two_rank_run, tmp_path):
     """Resume at step 3 with an absurd learning rate (1e38): step 4's update blows the weights up to
     ~1e38 (its loss is still finite) and step 5's forward overflows to a NaN loss."""
-    out = tmp_path / "run"
+    out = rewound_copy(two_rank_run, tmp_path / "run", 3)
     ckpts = out / "checkpoints"
-    _ok(run_launch("launch/pretrain.py", pretrain_args(demo_data, tiny_tokenizer, out, max_steps=3), ranks=2,
-                   port=29545))
     # the NaN loss at step 5 stops both ranks; the next save (step 6) never happens
     res = run_launch("launch/pretrain.py", pretrain_args(demo_data, tiny_tokenizer, out, **{
         "train.resume": "auto", "lr": "1e38"}), ranks=2, port=29546)

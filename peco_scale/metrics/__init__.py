@@ -1,0 +1,2 @@
+"""Evaluation metrics of the transfer tasks: ``segmentation`` (confusion matrix, mIoU, per-class
+IoU, pixel accuracy, as mmsegmentation reports them)."""

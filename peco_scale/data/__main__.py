@@ -3,6 +3,8 @@
 Commands:
     demo --out DIR [--images_per_class N] [--seed S] [--min_size A] [--max_size B] [--overwrite]
         Write (or reuse) the offline demo ImageFolder tree at DIR/train.
+    dense-demo --out DIR [--train_images N] [--val_images N] [--seed S] [--min_size A] [--max_size B]
+        Write (or reuse) the dense demo: ADE20K-layout label maps and COCO instances of drawn shapes.
     scan DIR
         Count images and classes of an ImageFolder tree without decoding anything.
     convert --to ffcv --data DIR --out FILE.beton [--max_resolution N] [--mode jpg|raw] [--quality Q]
@@ -33,6 +35,18 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     how = "up to date" if reused else f"generated in {time.perf_counter() - t0:.1f}s"
     print(f"demo dataset {how}: {m['total_images']} images ({m['total_bytes'] / 1e6:.1f} MB) in "
           f"{len(m['classes'])} classes [{', '.join(m['classes'])}] at {args.out}/train (seed {m['seed']})")
+
+
+def _cmd_dense_demo(args: argparse.Namespace) -> None:
+    from .dense_demo import make_dense_demo
+
+    m = make_dense_demo(args.out, train_images=args.train_images, val_images=args.val_images, seed=args.seed,
+                        min_size=args.min_size, max_size=args.max_size)
+    c = m["counts"]
+    print(f"dense demo at {args.out}: {c['training']['images']} training / {c['validation']['images']} validation "
+          f"scenes, {c['training']['instances']} / {c['validation']['instances']} instances; segmentation classes "
+          f"{', '.join(m['seg_classes'])} (images/, annotations/), COCO categories {', '.join(m['categories'])} "
+          f"(annotations/instances_*.json)")
 
 
 def _cmd_scan(args: argparse.Namespace) -> None:
@@ -85,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max_size", type=int, default=256, help="largest image side (pixels)")
     d.add_argument("--overwrite", action="store_true", help="regenerate even if up to date")
     d.set_defaults(func=_cmd_demo)
+    dd = sub.add_parser("dense-demo", help="write the offline segmentation / detection demo (ADE20K + COCO layout)")
+    dd.add_argument("--out", required=True, help="output root: OUT/images, OUT/annotations")
+    dd.add_argument("--train_images", type=int, default=200)
+    dd.add_argument("--val_images", type=int, default=50)
+    dd.add_argument("--seed", type=int, default=0)
+    dd.add_argument("--min_size", type=int, default=96, help="smallest scene side (pixels)")
+    dd.add_argument("--max_size", type=int, default=192, help="largest scene side (pixels)")
+    dd.set_defaults(func=_cmd_dense_demo)
     s = sub.add_parser("scan", help="count images/classes in an ImageFolder tree")
     s.add_argument("root")
     s.set_defaults(func=_cmd_scan)

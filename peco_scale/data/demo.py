@@ -21,6 +21,7 @@ import os
 import shutil
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -124,52 +125,78 @@ def _edge_alpha(t: Array, period: float, threshold: float = 0.0) -> Array:
 # ----------------------------------------------------------------------------- classes
 
 
-def _shapes(coverage):
-    """A class of 1-3 shapes in contrasting colours on a background; ``coverage(rng, y, x, h, w)``
-    draws one shape's parameters and returns its anti-aliased coverage in [0, 1]."""
+@dataclass
+class Shape:
+    """One drawn shape: its kind, a bounding circle (centre ``cy, cx``, ``radius``), its polygon
+    (``(K, 2)`` x, y vertices; None for a circle) and its anti-aliased coverage on a pixel grid."""
+
+    kind: str
+    cy: float
+    cx: float
+    radius: float
+    polygon: Array | None
+    coverage: Callable[[Array, Array], Array]
+
+
+def _shapes(draw_shape: Callable[[Rng, int, int], Shape]):
+    """A class of 1-3 shapes in contrasting colours on a background; ``draw_shape(rng, h, w)``
+    draws one shape's parameters."""
     def draw(rng: Rng, h: int, w: int) -> Array:
         img = _background(rng, h, w)
         y, x = _grid(h, w)
         bg = img.mean(axis=(0, 1))
         for _ in range(int(rng.integers(1, 4))):
-            img = _paint(img, coverage(rng, y, x, h, w), _contrasting(rng, bg))
+            img = _paint(img, draw_shape(rng, h, w).coverage(y, x), _contrasting(rng, bg))
         return img
     return draw
 
 
-def _circle(rng: Rng, y: Array, x: Array, h: int, w: int) -> Array:
+def _circle(rng: Rng, h: int, w: int) -> Shape:
     r = rng.uniform(0.1, 0.35) * min(h, w)
     cy, cx = rng.uniform(0.7 * r, h - 0.7 * r), rng.uniform(0.7 * r, w - 0.7 * r)
-    dist = np.sqrt((y - cy) ** 2 + (x - cx) ** 2)
-    return np.clip(r - dist + 0.5, 0, 1)
+    return Shape("circle", cy, cx, r, None, lambda y, x: np.clip(r - np.sqrt((y - cy) ** 2 + (x - cx) ** 2) + 0.5, 0, 1))
 
 
-def _square(rng: Rng, y: Array, x: Array, h: int, w: int) -> Array:
+def _square(rng: Rng, h: int, w: int) -> Shape:
     s = rng.uniform(0.1, 0.3) * min(h, w)  # half side
     cy, cx = rng.uniform(0.8 * s, h - 0.8 * s), rng.uniform(0.8 * s, w - 0.8 * s)
     th = rng.uniform(0, np.pi / 2)
-    u = (x - cx) * np.cos(th) + (y - cy) * np.sin(th)
-    v = -(x - cx) * np.sin(th) + (y - cy) * np.cos(th)
-    d = np.maximum(np.abs(u), np.abs(v)) - s  # box distance (exact outside along axes)
-    return np.clip(0.5 - d, 0, 1)
+    c, n = np.cos(th), np.sin(th)
+
+    def coverage(y: Array, x: Array) -> Array:
+        u = (x - cx) * c + (y - cy) * n
+        v = -(x - cx) * n + (y - cy) * c
+        d = np.maximum(np.abs(u), np.abs(v)) - s  # box distance (exact outside along axes)
+        return np.clip(0.5 - d, 0, 1)
+
+    corners = np.array([(-s, -s), (s, -s), (s, s), (-s, s)])
+    polygon = np.stack([cx + corners[:, 0] * c - corners[:, 1] * n, cy + corners[:, 0] * n + corners[:, 1] * c], 1)
+    return Shape("square", cy, cx, s * np.sqrt(2), polygon, coverage)
 
 
-def _triangle(rng: Rng, y: Array, x: Array, h: int, w: int) -> Array:
+def _triangle(rng: Rng, h: int, w: int) -> Shape:
     rad = rng.uniform(0.15, 0.4) * min(h, w)
     cy, cx = rng.uniform(0.6 * rad, h - 0.6 * rad), rng.uniform(0.6 * rad, w - 0.6 * rad)
     ang = rng.uniform(0, 2 * np.pi) + np.array([0, 2, 4]) * np.pi / 3 + rng.uniform(-0.4, 0.4, 3)
     py, px = cy + rad * np.sin(ang), cx + rad * np.cos(ang)
-    d = None
-    for i in range(3):  # convex polygon: max of signed half-plane distances
-        j = (i + 1) % 3
-        ey, ex = py[j] - py[i], px[j] - px[i]
-        norm = np.hypot(ey, ex) + 1e-6
-        di = ((x - px[i]) * ey - (y - py[i]) * ex) / norm
-        # orient each edge so the centroid is on the negative (inside) side
-        if ((cx - px[i]) * ey - (cy - py[i]) * ex) > 0:
-            di = -di
-        d = di if d is None else np.maximum(d, di)
-    return np.clip(0.5 - d, 0, 1)
+
+    def coverage(y: Array, x: Array) -> Array:
+        d = None
+        for i in range(3):  # convex polygon: max of signed half-plane distances
+            j = (i + 1) % 3
+            ey, ex = py[j] - py[i], px[j] - px[i]
+            norm = np.hypot(ey, ex) + 1e-6
+            di = ((x - px[i]) * ey - (y - py[i]) * ex) / norm
+            # orient each edge so the centroid is on the negative (inside) side
+            if ((cx - px[i]) * ey - (cy - py[i]) * ex) > 0:
+                di = -di
+            d = di if d is None else np.maximum(d, di)
+        return np.clip(0.5 - d, 0, 1)
+
+    return Shape("triangle", cy, cx, rad, np.stack([px, py], 1), coverage)
+
+
+SHAPES: dict[str, Callable[[Rng, int, int], Shape]] = {"circle": _circle, "square": _square, "triangle": _triangle}
 
 
 def _stripes(rng: Rng, h: int, w: int) -> Array:

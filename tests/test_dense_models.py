@@ -1,0 +1,86 @@
+"""Dense-prediction models: backbone features against timm's own forward_intermediates, the neck's
+and pyramid's strides, UperNet / Mask R-CNN forward passes and losses."""
+
+import pytest
+import torch
+
+from peco_scale.config import ConfigError
+from peco_scale.models.dense import (
+    Segmenter,
+    SimpleFeaturePyramid,
+    ViTBackbone,
+    build_mask_rcnn,
+    default_blocks,
+    segmentation_loss,
+)
+
+
+@pytest.mark.parametrize("blocks", [(0, 1, 2, 3), (1, 3)])
+def test_backbone_features_match_timm_forward_intermediates(blocks):
+    torch.manual_seed(0)
+    bb = ViTBackbone("vit_pico_patch16", 64, blocks).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = bb(x)
+        ref = bb.vit.forward_intermediates(x, indices=list(blocks), norm=False, output_fmt="NCHW",
+                                           intermediates_only=True)
+    assert len(ours) == len(ref) == len(blocks)
+    for a, b in zip(ours, ref):
+        assert a.shape == (2, 128, 4, 4)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_default_blocks_follow_beit_and_bad_blocks_are_one_line():
+    assert default_blocks(12) == (3, 5, 7, 11) and default_blocks(24) == (7, 11, 15, 23)
+    assert default_blocks(32) == (7, 15, 23, 31) and default_blocks(4) == (0, 1, 2, 3)
+    with pytest.raises(ConfigError, match=r"model.blocks \[0, 1, 9, 3\] must be increasing indices in 0..3"):
+        Segmenter("vit_pico_patch16", 64, 5, blocks=(0, 1, 9, 3))
+    with pytest.raises(ConfigError, match="give 4 block indices"):
+        Segmenter("vit_pico_patch16", 64, 5, blocks=(0, 1))
+
+
+def test_segmenter_scales_logits_and_loss():
+    torch.manual_seed(0)
+    model = Segmenter("vit_pico_patch16", 64, 5, channels=32)
+    feats = model.neck(model.backbone(torch.randn(2, 3, 64, 64)))
+    assert [tuple(f.shape[-2:]) for f in feats] == [(16, 16), (8, 8), (4, 4), (2, 2)]  # strides 4, 8, 16, 32
+    x = torch.randn(2, 3, 64, 64)
+    target = torch.randint(0, 5, (2, 64, 64))
+    target[:, :8] = 255
+    logits, aux = model(x)
+    assert logits.shape == aux.shape == (2, 5, 64, 64)
+    out = segmentation_loss(logits, aux, target)
+    expected = (torch.nn.functional.cross_entropy(logits, target, ignore_index=255)
+                + 0.4 * torch.nn.functional.cross_entropy(aux, target, ignore_index=255))
+    torch.testing.assert_close(out["loss"], expected)
+    out["loss"].backward()
+    assert model.backbone.vit.patch_embed.proj.weight.grad is not None
+    model.eval()
+    logits, aux = model(x)
+    assert aux is None and logits.shape == (2, 5, 64, 64)
+
+
+def test_simple_feature_pyramid_strides():
+    fpn = SimpleFeaturePyramid("vit_pico_patch16", 64, out_channels=32)
+    out = fpn(torch.randn(1, 3, 64, 64))
+    assert list(out) == ["p2", "p3", "p4", "p5", "p6"]
+    assert [tuple(v.shape[1:]) for v in out.values()] == [(32, 16, 16), (32, 8, 8), (32, 4, 4), (32, 2, 2), (32, 1, 1)]
+
+
+def test_mask_rcnn_trains_and_predicts():
+    torch.manual_seed(0)
+    model = build_mask_rcnn("vit_pico_patch16", 64, 3)
+    images = [torch.rand(3, 64, 64) for _ in range(2)]
+    masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    masks[0, 10:30, 12:40] = 1
+    targets = [{"boxes": torch.tensor([[12.0, 10.0, 40.0, 30.0]]), "labels": torch.tensor([2]), "masks": masks}] * 2
+    losses = model(images, targets)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    model.eval()
+    with torch.no_grad():
+        pred = model(images)
+    assert len(pred) == 2 and set(pred[0]) == {"boxes", "labels", "scores", "masks"}
+    assert pred[0]["masks"].shape[1:] == (1, 64, 64)

@@ -84,3 +84,30 @@ def test_mask_rcnn_trains_and_predicts():
         pred = model(images)
     assert len(pred) == 2 and set(pred[0]) == {"boxes", "labels", "scores", "masks"}
     assert pred[0]["masks"].shape[1:] == (1, 64, 64)
+
+
+def test_window_starts_cover_the_side_like_mmseg():
+    from peco_scale.models.dense import window_starts
+
+    assert window_starts(512, 512, 341) == [0]
+    assert window_starts(683, 512, 341) == [0, 171]  # the second window moved back to end at 683
+    assert window_starts(1000, 512, 341) == [0, 341, 488]
+    assert window_starts(40, 64, 43) == [0]  # a short side: one (padded) window
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_slide_logits_equal_a_pixelwise_model_on_the_whole_image(flip):
+    """A per-pixel model (1x1 conv) slid over a 100 x 150 image in 64-pixel windows gives what it
+    gives on the whole image at once: windows are placed, cropped and averaged right."""
+    from peco_scale.models.dense import slide_logits
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 1)
+
+    def model(x):
+        assert x.shape[-2:] == (64, 64)
+        return conv(x), None
+
+    image = torch.randn(1, 3, 100, 150)
+    got = slide_logits(model, image, 4, 64, 43, flip=flip)
+    torch.testing.assert_close(got, conv(image).detach(), rtol=1e-5, atol=1e-5)

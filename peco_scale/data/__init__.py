@@ -9,7 +9,8 @@ Modules (each imports only those listed before it, so there are no cycles):
   stage-2 two-view transform.
 - ``folder`` (default backend, ImageFolder scanning and datasets), ``ffcv_backend``,
   ``dali_backend``: one module per backend; ``loaders.make_loader`` picks one by name.
-- ``eval`` (evaluation batches), ``demo`` (offline demo dataset), ``dense_demo`` (scenes with
+- ``segmentation``: the ADE20K layout (scan, labels, mmseg's training pipeline, evaluation
+  images); ``eval`` (evaluation batches), ``demo`` (offline demo dataset), ``dense_demo`` (scenes with
   exact label maps and COCO instances), ``bench`` (loader benchmark), ``__main__`` (the CLI:
   ``python -m peco_scale.data demo|dense-demo|scan|convert``).
 """

@@ -184,3 +184,32 @@ def build_mask_rcnn(name: str, img_size: int, num_classes: int, *, drop_path: fl
     return MaskRCNN(backbone, num_classes=num_classes + 1, rpn_anchor_generator=anchors,
                     box_roi_pool=MultiScaleRoIAlign(levels, 7, 0), mask_roi_pool=MultiScaleRoIAlign(levels, 14, 0),
                     min_size=img_size, max_size=img_size, image_mean=list(mean), image_std=list(std), **kwargs)
+
+
+def window_starts(size: int, crop: int, stride: int) -> list[int]:
+    """Window offsets along one side (mmsegmentation's slide inference): every ``stride`` pixels,
+    the last window moved back to end at the border; one window when the side is at most ``crop``."""
+    n = max(size - crop + stride - 1, 0) // stride + 1
+    return sorted({max(min(i * stride + crop, size) - crop, 0) for i in range(n)})
+
+
+@torch.no_grad()
+def slide_logits(model: nn.Module, image: torch.Tensor, num_classes: int, crop: int, stride: int,
+                 flip: bool = False) -> torch.Tensor:
+    """Class scores ``[1, C, h, w]`` of one image by sliding ``crop`` windows with ``stride``,
+    each window zero-padded to ``crop`` and the overlaps averaged; with ``flip`` the mirrored
+    windows' scores are averaged in too. ``model(x)[0]`` gives ``[N, C, crop, crop]`` logits."""
+    _, _, h, w = image.shape
+    total = image.new_zeros(1, num_classes, h, w)
+    count = image.new_zeros(1, 1, h, w)
+    for top in window_starts(h, crop, stride):
+        for left in window_starts(w, crop, stride):
+            win = image[:, :, top:top + crop, left:left + crop]
+            wh, ww = win.shape[-2:]
+            x = F.pad(win, (0, crop - ww, 0, crop - wh))
+            batch = torch.cat([x, x.flip(-1)]) if flip else x
+            out = model(batch)[0].float()
+            scores = out[:1] if not flip else (out[:1] + out[1:].flip(-1)) / 2
+            total[:, :, top:top + wh, left:left + ww] += scores[:, :, :wh, :ww]
+            count[:, :, top:top + wh, left:left + ww] += 1
+    return total / count

@@ -130,6 +130,22 @@ def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
         return to_rgb(img)  # forces load(); a truncated file raises OSError
 
 
+def first_usable(index: int, n: int, bad: set[int], load: Callable[[int], Any], what: Callable[[int], str],
+                 none_msg: str) -> tuple[int, Any]:
+    """``(j, load(j))`` for the first ``j`` from ``index`` on (wrapping) whose load succeeds; a failure is
+    logged once, remembered in ``bad`` and skipped. No usable item at all: ``DataError(none_msg)``."""
+    for step in range(n):
+        j = (index + step) % n
+        if j in bad:
+            continue
+        try:
+            return j, load(j)
+        except Exception as exc:  # noqa: BLE001 - any failure to read an item means "skip it"
+            bad.add(j)
+            log.warning("skipping %s (%s: %s)", what(j), type(exc).__name__, exc)
+    raise DataError(none_msg)
+
+
 class ImageFolderDataset(Dataset):
     """ImageFolder dataset returning ``{"image", "label", "index", "skipped"}`` dicts.
 
@@ -163,19 +179,10 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def _first_readable(self, index: int) -> tuple[int, Image.Image]:
-        n = len(self.samples)
-        for step in range(n):
-            j = (index + step) % n
-            if j in self._bad:
-                continue
-            try:
-                return j, load_rgb(self.samples[j][0])
-            except Exception as exc:  # noqa: BLE001 - any decode failure means "skip this file"
-                self._bad.add(j)
-                log.warning("skipping unreadable image %s (%s: %s)", self.samples[j][0],
-                            type(exc).__name__, exc)
-        raise DataError(f"none of the {n} images under '{self.root}' could be decoded; "
-                        "check the files (e.g. open one with PIL) or point --data elsewhere")
+        return first_usable(index, len(self.samples), self._bad, lambda j: load_rgb(self.samples[j][0]),
+                            lambda j: f"unreadable image {self.samples[j][0]}",
+                            f"none of the {len(self.samples)} images under '{self.root}' could be decoded; "
+                            "check the files (e.g. open one with PIL) or point --data elsewhere")
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         if isinstance(key, (tuple, list)):  # (index, sample_seed) from ShardedSampler

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..signals import ignore_stop_signals
 from .colour import to_rgb
-from .folder import IMG_EXTENSIONS, iterate_loader
+from .folder import IMG_EXTENSIONS, first_usable, iterate_loader
 from .sampling import ShardedSampler
 from .mim import IMAGENET_MEAN, IMAGENET_STD
 from .spec import DataError, ShardedPosition
@@ -185,20 +185,12 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         index, seed = int(key[0]), int(key[1])
-        n = len(self.pairs)
-        for step in range(n):
-            j = (index + step) % n
-            if j in self._bad:
-                continue
-            try:
-                img, lab = self.load(j)
-            except Exception as exc:  # noqa: BLE001 - a sample that cannot be used is skipped and counted
-                self._bad.add(j)
-                log.warning("skipping segmentation sample %s (%s: %s)", self.pairs[j][0], type(exc).__name__, exc)
-                continue
-            image, label = train_sample(img, lab, self.aug, np.random.default_rng(seed))
-            return {"image": image, "label": label, "index": index, "skipped": int(j != index)}
-        raise DataError(f"none of the {n} segmentation samples could be read; check the images and annotations")
+        j, (img, lab) = first_usable(index, len(self.pairs), self._bad, self.load,
+                                     lambda j: f"segmentation sample {self.pairs[j][0]}",
+                                     f"none of the {len(self.pairs)} segmentation samples could be read; check the "
+                                     f"images and annotations")
+        image, label = train_sample(img, lab, self.aug, np.random.default_rng(seed))
+        return {"image": image, "label": label, "index": index, "skipped": int(j != index)}
 
 
 class SegmentationLoader(ShardedPosition):
@@ -213,7 +205,10 @@ class SegmentationLoader(ShardedPosition):
                                       seed=seed)
         self._loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
                                   drop_last=True, multiprocessing_context="fork" if workers else None,
-                                  worker_init_fn=ignore_stop_signals)
+                                  worker_init_fn=ignore_stop_signals,
+                                  # its own generator: a new iterator must not draw from the global RNG
+                                  # (drop path), or a resumed run would draw differently
+                                  generator=torch.Generator().manual_seed(seed))
 
     def __iter__(self):
         for batch in iterate_loader(self._loader):

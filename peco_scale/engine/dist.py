@@ -108,6 +108,23 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def average_norm_stats(module: torch.nn.Module) -> None:
+    """Average the BatchNorm running statistics over ranks (each rank normalises its own
+    micro-batch while training, so without this every rank keeps its own running mean and
+    variance: evaluation would depend on the rank, and a checkpoint holds rank 0's only)."""
+    if world_size() == 1:
+        return
+    stats = [b for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             for b in (m.running_mean, m.running_var) if b is not None]
+    if not stats:
+        return
+    flat = torch.cat([b.detach().reshape(-1).double() for b in stats])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    for b, part in zip(stats, flat.split([b.numel() for b in stats])):
+        b.copy_(part.view_as(b).to(b.dtype))
+
+
 def broadcast_object(obj: object) -> object:
     """Rank 0's object on every rank."""
     if world_size() == 1:

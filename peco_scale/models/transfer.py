@@ -102,22 +102,29 @@ def layer_id(name: str, num_layers: int) -> int:
     return num_layers + 1
 
 
-def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
+def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float,
+                       vit: str = "") -> list[dict[str, Any]]:
     """AdamW groups with ``lr_scale = layer_decay ** (num_layers + 1 - layer_id)`` (BEiT), and
-    weight decay off for 1-D parameters, biases and the model's ``no_weight_decay`` names."""
-    num_layers = len(model.blocks)
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    weight decay off for 1-D parameters, biases and the ViT's ``no_weight_decay`` names. ``vit``
+    names the ViT submodule when the model wraps one (a segmenter, a detector): its parameters
+    decay by depth, every other one (neck, heads) takes the full lr."""
+    backbone = model.get_submodule(vit) if vit else model
+    prefix = f"{vit}." if vit else ""
+    num_layers = len(backbone.blocks)
+    skip = set(backbone.no_weight_decay()) if hasattr(backbone, "no_weight_decay") else set()
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
-    for name, p in model.named_parameters():
+    for full_name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        lid = layer_id(name, num_layers)
-        decay = not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
+        inside = full_name.startswith(prefix)
+        name = full_name[len(prefix):] if inside else full_name
+        lid = layer_id(name, num_layers) if inside else num_layers + 1
+        decay = not (p.ndim <= 1 or name.endswith(".bias") or (inside and name in skip))
         g = groups.setdefault((lid, decay), {
             "params": [], "names": [], "weight_decay": weight_decay if decay else 0.0,
             "lr_scale": layer_decay ** (num_layers + 1 - lid), "name": f"layer{lid}_{'decay' if decay else 'no_decay'}"})
         g["params"].append(p)
-        g["names"].append(name)
+        g["names"].append(full_name)
     return [groups[k] for k in sorted(groups)]
 
 

@@ -31,7 +31,7 @@ from .recipe import read_recipe, resolve_accum
 log = logging.getLogger("peco_scale")
 
 PRECISIONS = ("auto", "bf16", "fp32")
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "poly")
 
 # old key -> new key (both config files and flags)
 RENAMED = {"train.grad_clip": "optim.grad_clip", "quantizer.kernels": "train.kernels", "model.kernels": "train.kernels"}
@@ -56,7 +56,7 @@ class OptimConfig:
     betas: tuple[float, float] = field((0.9, 0.999), "Adam(W) betas")
     eps: float = field(1e-8, "Adam(W) eps")
     weight_decay: float = field(0.05, "weight decay")
-    schedule: str = field("cosine", "after warm-up: cosine (down to optim.min_lr) or constant")
+    schedule: str = field("cosine", "after warm-up: cosine or poly (linear, power 1; both down to optim.min_lr) or constant")
     warmup_epochs: float = field(10.0, "linear warm-up in epochs")
     warmup_steps: int = field(-1, "linear warm-up in steps (-1 = from warmup_epochs)")
     min_lr: float = field(1e-5, "the cosine schedule ends here")
@@ -187,7 +187,7 @@ def check_common(cfg: Any, world: int | None = None) -> int:
     if not (math.isfinite(o.lr) and o.lr > 0) or o.base_batch < 0:
         raise ConfigError(f"optim.lr={o.lr} must be positive and optim.base_batch={o.base_batch} >= 0")
     if o.schedule not in SCHEDULES:
-        raise ConfigError(f"optim.schedule='{o.schedule}' must be constant or cosine")
+        raise ConfigError(f"optim.schedule='{o.schedule}' must be constant, cosine or poly")
     if t.resume not in ("", "auto") and not Path(t.resume).is_dir():
         raise ConfigError(f"train.resume='{t.resume}' is neither 'auto' nor a checkpoint folder")
     return resolve_accum(t.batch_size, t.grad_accum, t.global_batch, world, t.deepspeed_config)

@@ -33,7 +33,7 @@ from ..models.transfer import adapt_state_dict, build_classifier, has_layer_scal
 from ..models.vit import VIT_PRESETS
 from ..models.cost import vit_forward_flops
 from .finetune_config import FinetuneConfig, resolve_finetune
-from .trainer import Stage, Trainer, use_bf16
+from .trainer import EvalStage, Trainer, use_bf16
 
 
 def seed_everything(seed: int) -> None:
@@ -81,14 +81,10 @@ def evaluate(engine, loader: EvalLoader, device: torch.device, dtype: torch.dtyp
             "images": int(sums[0]), "skipped": int(sums[4])}
 
 
-class FinetuneStage(Stage):
+class FinetuneStage(EvalStage):
     name = "finetune"
+    best_metric = "top1"
     cfg: FinetuneConfig
-
-    def __init__(self, cfg: FinetuneConfig, ds_dict: dict[str, Any]) -> None:
-        super().__init__(cfg, ds_dict)
-        self.best = {"top1": -1.0, "step": 0}
-        self.last_eval: dict[str, Any] = {}
 
     def check(self, world: int) -> None:
         self.r = resolve_finetune(self.cfg, world)
@@ -185,14 +181,10 @@ class FinetuneStage(Stage):
             with self.ema.swapped():
                 res_ema = evaluate(engine, self.eval_loader, self.device, self.dtype)
             row.update(ema_eval_top1=res_ema["top1"], ema_eval_top5=res_ema["top5"], ema_eval_loss=res_ema["loss"])
-        improved = res["top1"] > self.best["top1"]
-        if improved:
-            self.best = {"top1": res["top1"], "step": step}
-        row["best_top1"] = self.best["top1"]
+        improved = self.record_eval(row, res["top1"], step)
         log.info("eval at step %d (epoch %.2f): top-1 %.2f%%, top-5 %.2f%%, loss %.4f on %d images%s; best %.2f%%",
                  step, row["epoch"], res["top1"], res["top5"], res["loss"], res["images"],
                  f"; EMA top-1 {row['ema_eval_top1']:.2f}%" if self.ema is not None else "", self.best["top1"])
-        self.last_eval = row
         return row, improved
 
     def client_state(self) -> dict[str, Any]:
@@ -205,7 +197,7 @@ class FinetuneStage(Stage):
         return {"ema": self.ema.state_dict()} if self.ema is not None else None
 
     def load_state(self, saved: dict[str, Any], folder: Path) -> None:
-        self.best = saved.get("best", self.best)
+        super().load_state(saved, folder)
         if self.ema is not None:
             ema_state = self.ckpt.load_rank_state(folder, "ema")
             if ema_state is None:
@@ -223,11 +215,7 @@ class FinetuneStage(Stage):
                 save_file({k: v.contiguous() for k, v in full.items()}, str(tmp))
                 os.replace(tmp, folder / "ema.safetensors")
             pdist.barrier()
-        if self.best["step"] == step:
-            self.ckpt.mark_best(folder.name)
-
-    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
-        return {**summary, "eval": self.last_eval, "best": self.best, "num_classes": self.r.num_classes}
+        super().after_save(folder, step)
 
 
 def finetune(cfg: FinetuneConfig, ds_dict: dict[str, Any]) -> dict[str, Any]:

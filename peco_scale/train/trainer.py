@@ -43,8 +43,8 @@ from .config import scaled_lr, world_from_env
 
 @dataclass
 class Schedule:
-    """Steps and learning rate of a run: linear warm-up to ``base_lr``, then constant or cosine
-    down to ``floor``."""
+    """Steps and learning rate of a run: linear warm-up to ``base_lr``, then constant, or cosine or
+    linear (poly, power 1) down to ``floor``."""
 
     steps_per_epoch: int
     total: int
@@ -59,6 +59,8 @@ class Schedule:
         if self.kind == "constant":
             return self.base_lr
         progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        if self.kind == "poly":  # mmsegmentation's PolyLR with power 1
+            return self.floor + (self.base_lr - self.floor) * (1 - progress)
         return self.floor + (self.base_lr - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -192,6 +194,38 @@ class Stage:
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         """After the last step of a run that was not interrupted (collective)."""
         return summary
+
+
+class EvalStage(Stage):
+    """A stage that evaluates on held-out data and keeps its best checkpoint by ``best_metric``
+    (higher is better): ``self.best`` is saved in ``state.json`` by the stage's ``client_state``,
+    restored on resume, and the checkpoint of a new best is named in ``checkpoints/best``."""
+
+    best_metric = "score"
+
+    def __init__(self, cfg, ds_dict: dict[str, Any]) -> None:
+        super().__init__(cfg, ds_dict)
+        self.best: dict[str, Any] = {self.best_metric: -1.0, "step": 0}
+        self.last_eval: dict[str, Any] = {}
+
+    def record_eval(self, row: dict[str, Any], value: float, step: int) -> bool:
+        """Note an evaluation row scoring ``value``; returns whether it is a new best."""
+        improved = value > self.best[self.best_metric]
+        if improved:
+            self.best = {self.best_metric: value, "step": step}
+        row[f"best_{self.best_metric}"] = self.best[self.best_metric]
+        self.last_eval = row
+        return improved
+
+    def load_state(self, saved: dict[str, Any], folder: Path) -> None:
+        self.best = saved.get("best", self.best)
+
+    def after_save(self, folder: Path, step: int) -> None:
+        if self.best["step"] == step:
+            self.ckpt.mark_best(folder.name)
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        return {**summary, "eval": self.last_eval, "best": self.best, "num_classes": self.r.num_classes}
 
 
 class Trainer:

@@ -111,3 +111,30 @@ def test_slide_logits_equal_a_pixelwise_model_on_the_whole_image(flip):
     image = torch.randn(1, 3, 100, 150)
     got = slide_logits(model, image, 4, 64, 43, flip=flip)
     torch.testing.assert_close(got, conv(image).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_decay_over_the_vit_only():
+    """In a segmenter the ViT's parameters decay by depth (embeddings the most) and the neck and
+    heads keep the full lr; every trainable parameter is in exactly one group."""
+    from peco_scale.models.transfer import layer_decay_groups
+
+    model = Segmenter("vit_pico_patch16", 64, 5, channels=32)
+    groups = layer_decay_groups(model, 0.05, 0.5, vit="backbone.vit")
+    names = [n for g in groups for n in g["names"]]
+    assert sorted(names) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    depth = 4
+    assert scale["backbone.vit.patch_embed.proj.weight"] == 0.5 ** (depth + 1)
+    assert scale["backbone.vit.blocks.2.attn.qkv.weight"] == 0.5 ** (depth + 1 - 3)
+    assert scale["neck.up2.weight"] == scale["decode_head.classifier.weight"] == 1.0
+    decay = {n: g["weight_decay"] for g in groups for n in g["names"]}
+    assert decay["backbone.vit.pos_embed"] == 0.0 and decay["neck.up2.bias"] == 0.0
+    assert decay["decode_head.classifier.weight"] == 0.05
+
+
+def test_poly_schedule_is_linear_after_warmup():
+    from peco_scale.train.trainer import Schedule
+
+    s = Schedule(steps_per_epoch=10, total=110, warmup=10, base_lr=1.0, floor=0.0, kind="poly")
+    assert s.lr(0) == pytest.approx(0.1) and s.lr(9) == pytest.approx(1.0)
+    assert s.lr(10) == pytest.approx(1.0) and s.lr(60) == pytest.approx(0.5) and s.lr(110) == pytest.approx(0.0)

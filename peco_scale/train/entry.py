@@ -1,6 +1,7 @@
 """The shared body of the launch/ entry points: ``main(stage, argv, doc)`` parses, checks and
-trains the stage named (a module of this package with ``CONFIG``, ``resolve``, ``run``, ``report``
-and ``USER_ERRORS``), with --help, logging, the error lines and exit codes.
+trains the stage named (a module of this package with ``CONFIG``, ``resolve``, ``STAGE`` (its
+:class:`~peco_scale.train.trainer.Stage`), ``report`` and ``USER_ERRORS``), with --help,
+logging, the error lines and exit codes.
 
 Exit codes: 0 done, 2 bad input (one ``error:`` line: ConfigError, DataError, or a stage's own
 user-error types), 3 non-finite loss, 4 a checkpoint could not be written (full disk; the previous
@@ -27,7 +28,9 @@ def main(stage: str, argv: list[str], doc: str) -> int:
 
         cfg, ds_dict = config_from_argv(args, spec.CONFIG)
         spec.resolve(cfg)  # every cheap check, before the process group or any model exists
-        return spec.run(cfg, ds_dict)
+        from .trainer import Trainer
+
+        return Trainer(spec.STAGE(cfg, ds_dict)).run()
 
     return run_entry(argv, doc, spec.CONFIG, run, spec.report, spec.USER_ERRORS)
 

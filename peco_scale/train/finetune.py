@@ -33,7 +33,7 @@ from ..models.transfer import adapt_state_dict, build_classifier, has_layer_scal
 from ..models.vit import VIT_PRESETS
 from ..models.cost import vit_forward_flops
 from .finetune_config import FinetuneConfig, resolve_finetune
-from .trainer import EvalStage, Trainer, use_bf16
+from .trainer import EvalStage, use_bf16
 
 
 def seed_everything(seed: int) -> None:
@@ -218,13 +218,8 @@ class FinetuneStage(EvalStage):
         super().after_save(folder, step)
 
 
-def finetune(cfg: FinetuneConfig, ds_dict: dict[str, Any]) -> dict[str, Any]:
-    """Run fine-tuning as configured; returns a summary. All ranks call it."""
-    return Trainer(FinetuneStage(cfg, ds_dict)).run()
-
-
 # -- what launch/finetune.py runs (train/entry.py) -----------------------------------------------
-CONFIG, resolve, run, USER_ERRORS = FinetuneConfig, resolve_finetune, finetune, ()
+CONFIG, resolve, STAGE, USER_ERRORS = FinetuneConfig, resolve_finetune, FinetuneStage, ()
 
 
 def report(summary: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ from ..models.mim import MIMTask
 from ..models.vit import VIT_PRESETS, MaskedViT, param_groups
 from ..models.cost import mim_train_flops
 from .pretrain_config import PretrainConfig, resolve_pretrain
-from .trainer import Stage, Trainer, use_bf16
+from .trainer import Stage, use_bf16
 
 
 class PretrainStage(Stage):
@@ -100,13 +100,8 @@ class PretrainStage(Stage):
                 "model": {"name": self.r.model_name, "img_size": self.r.img_size}}
 
 
-def pretrain(cfg: PretrainConfig, ds_dict: dict[str, Any]) -> dict[str, Any]:
-    """Run stage 2 as configured; returns a summary. All ranks call it."""
-    return Trainer(PretrainStage(cfg, ds_dict)).run()
-
-
 # -- what launch/pretrain.py runs (train/entry.py) -----------------------------------------------
-CONFIG, resolve, run, USER_ERRORS = PretrainConfig, resolve_pretrain, pretrain, ()
+CONFIG, resolve, STAGE, USER_ERRORS = PretrainConfig, resolve_pretrain, PretrainStage, ()
 
 
 def report(summary: dict[str, Any]) -> None:

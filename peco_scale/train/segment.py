@@ -31,7 +31,7 @@ from ..models.transfer import adapt_state_dict, has_layer_scale, layer_decay_gro
 from ..models.vit import VIT_PRESETS
 from .finetune import seed_everything
 from .segment_config import SegmentConfig, resolve_segment
-from .trainer import EvalStage, Trainer, use_bf16
+from .trainer import EvalStage, use_bf16
 
 
 class SegmentStage(EvalStage):
@@ -166,13 +166,8 @@ class SegmentStage(EvalStage):
                 "init": {"path": self.cfg.model.init, "kind": self.info["kind"]}, "best": self.best}
 
 
-def segment(cfg: SegmentConfig, ds_dict: dict[str, Any]) -> dict[str, Any]:
-    """Train (and evaluate) as configured; returns a summary. All ranks call it."""
-    return Trainer(SegmentStage(cfg, ds_dict)).run()
-
-
 # -- what launch/segment.py runs (train/entry.py) ------------------------------------------------
-CONFIG, resolve, run, USER_ERRORS = SegmentConfig, resolve_segment, segment, ()
+CONFIG, resolve, STAGE, USER_ERRORS = SegmentConfig, resolve_segment, SegmentStage, ()
 
 
 def report(summary: dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ from ..models.discriminator import PatchDiscriminator, hinge_d_loss
 from ..models.perceptual import PerceptualLoss, PerceptualWeightsError
 from ..models.tokenizer import VQTokenizer
 from .tokenizer_config import TokenizerConfig, resolve_tokenizer
-from .trainer import Stage, Trainer
+from .trainer import Stage
 
 
 def _adam(params, lr: float, o, weight_decay: float, device: torch.device) -> torch.optim.Adam:
@@ -128,15 +128,8 @@ class TokenizerStage(Stage):
         return {**summary, "artifact": str(artifact)}
 
 
-def train_tokenizer(cfg: TokenizerConfig, ds_dict: dict[str, Any]) -> dict[str, Any]:
-    """Run stage 1 as configured (``ds_dict``: the recipe's DeepSpeed dict); returns a summary
-    (paths, final metrics). All ranks call it."""
-    return Trainer(TokenizerStage(cfg, ds_dict)).run()
-
-
 # -- what launch/train_tokenizer.py runs (train/entry.py) --------------------------------------
-CONFIG, resolve, run = TokenizerConfig, resolve_tokenizer, train_tokenizer
-USER_ERRORS = (PerceptualWeightsError,)
+CONFIG, resolve, STAGE, USER_ERRORS = TokenizerConfig, resolve_tokenizer, TokenizerStage, (PerceptualWeightsError,)
 
 
 def report(summary: dict[str, Any]) -> None:

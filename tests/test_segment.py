@@ -117,3 +117,22 @@ def test_bad_inputs_are_one_clear_line(dense_data, tmp_path):
     res = run_launch("launch/segment.py", seg_args(dense_data, tmp_path / "y", **{"data.num_classes": 2}))
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert res.returncode == 2 and len(errors) == 1 and "above the 2 classes" in errors[0], res.stderr[-2000:]
+
+
+def test_init_from_a_pretrain_run_loads_the_backbone(dense_data, pretrain_run, tmp_path):
+    """--init with a stage-2 run: the segmenter's ViT holds the run's consolidated backbone weights
+    (the pre-training norm, head and mask token dropped); neck and heads stay freshly initialised."""
+    import torch
+
+    from peco_scale.engine.weights import consolidate
+    from peco_scale.train.segment import SegmentStage
+
+    cfg, ds_dict = config_from_argv(seg_args(dense_data, tmp_path / "x", init=str(pretrain_run)), SegmentConfig)
+    stage = SegmentStage(cfg, ds_dict)
+    stage.check(1)
+    stage.build_models()
+    assert stage.info["kind"] != "random" and stage.info["loaded"] > 0
+    saved = consolidate(pretrain_run / "checkpoints" / "step_00000006")
+    vit = stage.model.backbone.vit.state_dict()
+    torch.testing.assert_close(vit["blocks.3.mlp.fc2.weight"], saved["backbone.blocks.3.mlp.fc2.weight"])
+    torch.testing.assert_close(vit["patch_embed.proj.weight"], saved["backbone.patch_embed.proj.weight"])

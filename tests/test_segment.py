@@ -79,10 +79,17 @@ def test_zero3_recipe_learns_on_the_demo(dense_data, tmp_path):
     assert "ZeRO 3" in res.stdout
     rows = read_metrics(out)
     losses = [r["loss"] for r in rows if "loss" in r]
-    assert sum(losses[-2:]) / 2 < 0.8 * losses[0], losses
+    assert sum(losses[-2:]) / 2 < 0.85 * losses[0], losses  # measured 0.72 (torch 2.14.1)
     final = [r for r in rows if "eval_mIoU" in r][-1]
-    # majority class everywhere: IoU of the background only (its pixel share), the others 0
-    assert final["eval_mIoU"] > final["eval_aAcc"] / 4 + 5, final
+    # predicting the majority class (background) everywhere scores its pixel share as its IoU and
+    # 0 for the 3 shapes: mIoU = share / 4 (21.3% here; the run measured 28.6%)
+    import numpy as np
+    from PIL import Image
+
+    labels = np.concatenate([np.asarray(Image.open(p)).ravel()
+                             for p in sorted((dense_data / "annotations" / "validation").glob("*.png"))])
+    share = float((labels[labels != 0] == 1).mean())
+    assert final["eval_mIoU"] > 100 * share / 4 + 3, (final["eval_mIoU"], share)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best"]["mIoU"] == pytest.approx(final["best_mIoU"])
 

@@ -81,7 +81,7 @@ def test_photometric_distortion_changes_colours_not_labels():
     lab = rng.integers(0, 3, (40, 40))
     plain = train_sample(img, lab, SegAugment(crop=40, photometric=False, ratio_range=(1, 1)), np.random.default_rng(5))
     photo = train_sample(img, lab, SegAugment(crop=40, photometric=True, ratio_range=(1, 1)), np.random.default_rng(5))
-    assert torch.equal(plain[1], photo[1])
+    assert torch.equal(plain[1], photo[1]) and not torch.equal(plain[0], photo[0])
 
 
 def test_bad_samples_are_skipped_and_counted(tmp_path):

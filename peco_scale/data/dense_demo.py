@@ -31,7 +31,6 @@ from PIL import Image
 from .demo import SHAPES, _background, _contrasting, _encode_jpeg, _grid, _paint, _remove_stale
 from .spec import DataError
 
-SPLITS = {"training": "train", "validation": "val"}
 SEG_CLASSES = ("background", "circle", "square", "triangle")  # ids 1..4 in the PNGs (0: unlabelled)
 CATEGORIES = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPES)]
 DENSE_VERSION = 1

@@ -38,7 +38,6 @@ from .spec import DataError, ShardedPosition
 
 log = logging.getLogger("peco_scale")
 IGNORE = 255
-SPLITS = ("training", "validation")
 
 
 @dataclass(frozen=True)
@@ -78,6 +77,16 @@ def read_label(path: str, reduce_zero_label: bool) -> np.ndarray:
     if reduce_zero_label:  # 0 -> 255, k -> k - 1, 255 stays 255 (mmsegmentation's order)
         lab = np.where((lab == 0) | (lab == IGNORE), IGNORE, lab - 1)
     return lab
+
+
+def read_pair(path: str, ann: str, reduce_zero_label: bool) -> tuple[Image.Image, np.ndarray]:
+    """The RGB image and label map of one pair; an annotation of another size is a DataError."""
+    with Image.open(path) as im:
+        img = to_rgb(im)
+    lab = read_label(ann, reduce_zero_label)
+    if lab.shape != (img.size[1], img.size[0]):
+        raise DataError(f"annotation {ann} is {lab.shape[1]}x{lab.shape[0]}, its image {img.size[0]}x{img.size[1]}")
+    return img, lab
 
 
 def check_labels(pairs: list[tuple[str, str]], num_classes: int, reduce_zero_label: bool, sample: int = 32) -> None:
@@ -173,14 +182,9 @@ class SegmentationDataset(Dataset):
 
     def load(self, j: int) -> tuple[Image.Image, np.ndarray]:
         """The image and label map of pair ``j``; raises on anything that must be skipped."""
-        path, ann = self.pairs[j]
-        with Image.open(path) as im:
-            img = to_rgb(im)
-        lab = read_label(ann, self.reduce_zero_label)
-        if lab.shape != (img.size[1], img.size[0]):
-            raise DataError(f"annotation {ann} is {lab.shape[1]}x{lab.shape[0]}, its image {img.size[0]}x{img.size[1]}")
+        img, lab = read_pair(*self.pairs[j], self.reduce_zero_label)
         if ((lab != IGNORE) & (lab >= self.num_classes)).any():
-            raise DataError(f"annotation {ann} has class ids above {self.num_classes - 1}")
+            raise DataError(f"annotation {self.pairs[j][1]} has class ids above {self.num_classes - 1}")
         return img, lab
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
@@ -222,16 +226,10 @@ def eval_samples(root, split: str, crop: int, *, rank: int = 0, world_size: int 
     an unreadable pair is skipped with a warning (the caller counts the indices it saw)."""
     pairs = scan_segmentation(root, split)
     for i in range(rank, len(pairs), world_size):
-        path, ann = pairs[i]
         try:
-            with Image.open(path) as im:
-                img = to_rgb(im)
-            lab = read_label(ann, reduce_zero_label)
-            if lab.shape != (img.size[1], img.size[0]):
-                raise DataError(f"annotation {ann} is {lab.shape[1]}x{lab.shape[0]}, its image "
-                                f"{img.size[0]}x{img.size[1]}")
-        except Exception as exc:  # noqa: BLE001
-            log.warning("skipping evaluation sample %s (%s: %s)", path, type(exc).__name__, exc)
+            img, lab = read_pair(*pairs[i], reduce_zero_label)
+        except Exception as exc:  # noqa: BLE001 - an unusable pair is skipped, as in training
+            log.warning("skipping evaluation sample %s (%s: %s)", pairs[i][0], type(exc).__name__, exc)
             continue
         img, _ = _rescale(img, None, crop, 1.0)
         yield i, _normalise(np.asarray(img, dtype=np.float32))[None], torch.from_numpy(lab)

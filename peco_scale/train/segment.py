@@ -47,10 +47,9 @@ class SegmentStage(EvalStage):
         d, r = self.cfg.data, self.r
         aug = SegAugment(crop=r.crop, ratio_range=(d.ratio_min, d.ratio_max), cat_max_ratio=d.cat_max_ratio,
                          hflip=d.hflip, photometric=d.photometric)
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
         return SegmentationLoader(d.path, "training", r.num_classes, aug, batch_size=r.batch_size,
                                   rank=int(os.environ.get("RANK", "0")), world_size=r.world_size,
-                                  seed=self.cfg.train.seed, workers=d.workers, device=device,
+                                  seed=self.cfg.train.seed, workers=d.workers, device=self.loader_device(),
                                   reduce_zero_label=d.reduce_zero_label)
 
     def build_models(self) -> None:

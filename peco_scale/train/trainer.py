@@ -120,9 +120,14 @@ class Stage:
         """This rank's training loader over ``data.path`` with ``data.backend`` (a missing or empty
         dataset is one line here, before any process group)."""
         d = self.cfg.data
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
         return make_loader(d.backend, d.path, spec, batch_size=batch_size, rank=int(os.environ.get("RANK", "0")),
-                           world_size=world_from_env(), seed=self.cfg.train.seed, workers=d.workers, device=device)
+                           world_size=world_from_env(), seed=self.cfg.train.seed, workers=d.workers,
+                           device=self.loader_device())
+
+    @staticmethod
+    def loader_device() -> str:
+        """Where this rank's batches go (the process group does not exist yet when loaders are built)."""
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
 
     def ds_config(self, bf16: bool) -> dict[str, Any]:
         """The recipe's DeepSpeed dict with this run's batch, clipping, ZeRO stage and precision."""

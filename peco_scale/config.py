@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import types
 import typing
 from pathlib import Path
@@ -36,6 +37,27 @@ def field(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse word
 def section(cls: type, help: str) -> Any:  # noqa: A002
     """A nested config section (a dataclass built with its own defaults)."""
     return dataclasses.field(default_factory=cls, metadata=_field_doc(help))
+
+
+def with_defaults(base: type, name: str, docs: Mapping[str, str] | None = None,
+                  new: Mapping[str, tuple[type, Any, str]] | None = None, **defaults: Any) -> type:
+    """A subclass of the config section ``base`` named ``name`` whose fields take other defaults
+    and keep their docs (a stage's Train/Optim/Data sections); ``docs`` rewords some of them and
+    ``new`` adds fields (name -> (type, default, doc)). Assign the result to a module-level
+    ``name``: its ``__module__`` is the caller's."""
+    docs, new = dict(docs or {}), dict(new or {})
+    known = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(base)}
+    unknown = sorted((set(defaults) | set(docs)) - set(known))
+    if unknown or set(new) & set(known):
+        raise TypeError(f"{name}: {base.__name__} has no field {', '.join(unknown)} or already has {set(new) & set(known)}")
+    hints, inst = typing.get_type_hints(base), base()
+    spec = [(k, hints[k], field(defaults.get(k, getattr(inst, k)), docs.get(k, known[k])))
+            for k in known if k in defaults or k in docs]
+    spec += [(k, tp, field(value, doc)) for k, (tp, value, doc) in new.items()]
+    cls = dataclasses.make_dataclass(name, spec, bases=(base,))
+    cls.__doc__ = base.__doc__
+    cls.__module__ = sys._getframe(1).f_globals["__name__"]
+    return cls
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:
@@ -187,7 +209,8 @@ def describe(cls: type, prefix: str = "") -> list[str]:
     for f in dataclasses.fields(cls):
         value = getattr(inst, f.name)
         if dataclasses.is_dataclass(value):
-            lines += describe(type(value), f"{prefix}{f.name}.")
+            doc = " ".join((type(value).__doc__ or f.metadata.get("help", "")).split())
+            lines += [f"{prefix}{f.name}: {doc}", *describe(type(value), f"{prefix}{f.name}.")]
         else:
             lines.append(f"  --{prefix}{f.name} ({value!r})  {f.metadata.get('help', '')}")
     return lines

@@ -46,26 +46,52 @@ _interpreter_index_fix()
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def flags(defaults: dict, over: dict) -> list[str]:
+    """``--key value`` flags of ``defaults`` updated by ``over``."""
+    return [x for k, v in {**defaults, **over}.items() for x in (f"--{k}", str(v))]
+
+
+def dense_args(data: Path, out: Path, recipe: str, stage: dict, over: dict) -> list[str]:
+    """Flags of a tiny dense-transfer run (pico ViT, 64 px) on the dense demo data with ``recipe``
+    (a ds_configs/ file), ``stage``'s own settings and the test's ``over``."""
+    return flags({"deepspeed_config": str(ROOT / "ds_configs" / recipe), "model": "vit_pico_patch16",
+                  "data": str(data), "output_dir": str(out), "workers": 0, "train.log_every": 1,
+                  "optim.warmup_steps": 2, "lr": 1e-3, **stage}, over)
+
+
+def demo_tree(tmp_path_factory, name: str, per_class: int, seed: int) -> Path:
+    from peco_scale.data import make_demo_dataset
+
+    root = tmp_path_factory.mktemp(name)
+    make_demo_dataset(root, images_per_class=per_class, seed=seed)
+    return root
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """The embedded demo dataset at 30 images per class (300 images)."""
-    from peco_scale.data import make_demo_dataset
+    return demo_tree(tmp_path_factory, "demo_data", 30, 0)
 
-    root = tmp_path_factory.mktemp("demo_data")
-    make_demo_dataset(root, images_per_class=30, seed=0)
+
+@pytest.fixture(scope="session")
+def dense_data(tmp_path_factory) -> Path:
+    """The dense demo (segmentation maps and COCO instances): 32 training and 6 validation scenes
+    of 64-96 px."""
+    from peco_scale.data.dense_demo import make_dense_demo
+
+    root = tmp_path_factory.mktemp("dense")
+    make_dense_demo(root, train_images=32, val_images=6, min_size=64, max_size=96)
     return root
 
 
 def tiny_args(data: Path, out: Path, **over) -> list[str]:
     """Flags of a tiny, fast stage-1 run; ``over`` adds/replaces --key value pairs."""
-    args = {
+    return flags({
         "config": str(ROOT / "configs/demo_tokenizer.yaml"), "data": str(data), "output_dir": str(out),
         "data.img_size": 32, "train.batch_size": 8, "train.max_steps": 6, "train.log_every": 1,
         "train.ckpt_every": 3, "data.workers": 0, "perceptual.arch": "resnet_tiny",
         "optim.warmup_steps": 2,
-    }
-    args.update(over)
-    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+    }, over)
 
 
 def run_launch(script: str, args: list[str], *, ranks: int = 0, timeout: int = 600, port: int = 29531):
@@ -79,8 +105,54 @@ def run_launch(script: str, args: list[str], *, ranks: int = 0, timeout: int = 6
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def ok(res):
+    """A finished launch (``run_launch`` / ``subprocess.run``) that exited 0; else fail with its output."""
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    return res
+
+
+def resolve_argv(resolve, config_cls, argv: list[str]):
+    """A stage's resolved values for command-line flags (``resolve``: its resolve function)."""
+    from peco_scale.train.config import config_from_argv
+
+    return resolve(config_from_argv(argv, config_cls)[0])
+
+
+def config_line(resolve, config_cls, argv: list[str], *words: str) -> str:
+    """Resolving ``argv`` into ``config_cls`` raises a one-line ConfigError holding ``words``."""
+    from peco_scale.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        resolve_argv(resolve, config_cls, argv)
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+    return msg
+
+
+def folder_files(path: Path) -> dict[str, bytes]:
+    """The top-level files of a folder and their bytes (to check that nothing changed)."""
+    return {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
+
+
+def export_cli(*args: str):
+    """``python -m peco_scale.tools.export ARGS`` as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "peco_scale.tools.export", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
 def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def rows_match(run: Path, other: Path, keys: tuple[str, ...]) -> None:
+    """Two runs' metrics.jsonl hold the same steps and, where a row has them, the same ``keys``
+    (to float32 rounding: a resumed run against the uninterrupted one)."""
+    a, b = read_metrics(run), read_metrics(other)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in keys:
+            if key in ra:
+                assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), (ra["step"], key)
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +164,7 @@ def tiny_tokenizer(demo_data, tmp_path_factory) -> Path:
     res = run_launch("launch/train_tokenizer.py",
                      tiny_args(demo_data, out, **{"data.img_size": 64, "train.batch_size": 16, "train.max_steps": 40,
                                                   "train.log_every": 5, "train.ckpt_every": 1000,
-                                                  "optim.warmup_steps": 5, "optim.lr": 1e-2}))
+                                                  "optim.warmup_steps": 5}))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     (out / "launch.log").write_text(res.stdout + res.stderr)
     return out / "tokenizer.safetensors"
@@ -129,11 +201,9 @@ def rewound_copy(run: Path, dest: Path, step: int) -> Path:
 
 def pretrain_args(data: Path, tokenizer: Path, out: Path, **over) -> list[str]:
     """Flags of a tiny stage-2 run on the ViT-H recipe with a pico backbone."""
-    args = {
+    return flags({
         "deepspeed_config": str(ROOT / "ds_configs/zero3_vith.json"), "model": "vit_pico_patch16",
         "img_size": 64, "data": str(data), "tokenizer": str(tokenizer), "output_dir": str(out),
         "batch_size": 8, "global_batch": 16, "max_steps": 6, "train.log_every": 1, "train.ckpt_every": 3,
         "workers": 0, "lr": 2e-3, "optim.base_batch": 16, "optim.warmup_steps": 2,
-    }
-    args.update(over)
-    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+    }, over)

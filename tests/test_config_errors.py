@@ -32,3 +32,31 @@ def test_empty_data_folder(tmp_path):
     res = run_launch("launch/train_tokenizer.py", tiny_args(empty, tmp_path / "run"), timeout=120)
     assert res.returncode == 2
     assert "error:" in res.stderr and str(empty) in res.stderr
+
+
+def test_stage_sections_take_their_own_defaults_and_keep_the_shared_docs():
+    """A stage's Train/Optim/Data sections are the shared ones with other defaults (with_defaults):
+    the docs stay the shared ones unless reworded, new fields come after, a name the base lacks is
+    refused; the stage tree is a dataclass whose sections are built fresh per instance."""
+    import dataclasses
+    import pickle
+
+    from peco_scale.config import describe, with_defaults
+    from peco_scale.train.config import OptimConfig, TrainConfig
+    from peco_scale.train.detect_config import DetectConfig
+    from peco_scale.train.tokenizer_config import TokenizerConfig
+
+    cfg = DetectConfig()
+    assert cfg.optim.lr == 1e-4 and cfg.optim.schedule == "step" and OptimConfig().lr == 1.5e-3
+    assert isinstance(cfg.optim, OptimConfig) and isinstance(cfg.train, TrainConfig)
+    docs = {f.name: f.metadata["help"] for f in dataclasses.fields(type(cfg.optim))}
+    assert docs == {f.name: f.metadata["help"] for f in dataclasses.fields(OptimConfig)}
+    assert [f.name for f in dataclasses.fields(type(cfg.train))][-2:] == ["eval_only", "eval_every"]
+    assert cfg.train is not DetectConfig().train
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+    tok = {f.name: f.metadata["help"] for f in dataclasses.fields(type(TokenizerConfig().optim))}
+    assert tok["lr"].startswith("Adam learning rate (paper") and tok["eps"] == docs["eps"]
+    with pytest.raises(TypeError, match="has no field nope"):
+        with_defaults(OptimConfig, "Bad", nope=1)
+    text = "\n".join(describe(DetectConfig))
+    assert "optim: Optimizer" in text and "--optim.lr (0.0001)" in text and "model: Backbone (patch 16)" in text

@@ -6,11 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, pretrain_args, read_metrics, rewound_copy, run_launch
-
-
-def _ok(res):
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+from conftest import ROOT, ok, pretrain_args, read_metrics, rewound_copy, run_launch
 
 
 def test_convert_cli_writes_skips_and_reuses(demo_data, tmp_path):
@@ -48,7 +44,7 @@ def test_pretrain_on_backend(backend, demo_data, tiny_tokenizer, tmp_path):
     out = tmp_path / "run"
     res = run_launch("launch/pretrain.py", pretrain_args(data, tiny_tokenizer, out, **{
         "data.backend": backend, "max_steps": 4, "workers": 1}), ranks=2, port=29551 if backend == "ffcv" else 29552)
-    _ok(res)
+    ok(res)
     assert f"data: {backend} backend" in res.stdout
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in rows)
@@ -59,9 +55,9 @@ def test_resume_is_exact_on_dali(demo_data, tiny_tokenizer, tmp_path):
     pytest.importorskip("nvidia.dali")
     extra = {"data.backend": "dali", "workers": 1, "max_steps": 4, "train.ckpt_every": 2}
     full = tmp_path / "full"
-    _ok(run_launch("launch/pretrain.py", pretrain_args(demo_data, tiny_tokenizer, full, **extra)))
+    ok(run_launch("launch/pretrain.py", pretrain_args(demo_data, tiny_tokenizer, full, **extra)))
     part = rewound_copy(full, tmp_path / "part", 2)
-    _ok(run_launch("launch/pretrain.py", pretrain_args(demo_data, tiny_tokenizer, part, **{**extra, "train.resume": "auto"})))
+    ok(run_launch("launch/pretrain.py", pretrain_args(demo_data, tiny_tokenizer, part, **{**extra, "train.resume": "auto"})))
     a, b = read_metrics(full), read_metrics(part)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):

@@ -11,7 +11,9 @@ from peco_scale.models.dense import (
     ViTBackbone,
     build_mask_rcnn,
     default_blocks,
+    global_blocks,
     segmentation_loss,
+    window_block,
 )
 
 
@@ -28,6 +30,50 @@ def test_backbone_features_match_timm_forward_intermediates(blocks):
     for a, b in zip(ours, ref):
         assert a.shape == (2, 128, 4, 4)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("grid,window", [((6, 6), 3), ((5, 7), 3), ((4, 4), 4)])
+def test_window_block_runs_the_block_on_each_padded_window(grid, window):
+    """Against a loop over the windows of the zero-padded token grid, each run through the block on
+    its own; a token changed in one window changes that window's outputs only."""
+    torch.manual_seed(0)
+    blk = ViTBackbone("vit_pico_patch16", 64, (0,)).vit.blocks[0].eval()
+    gh, gw = grid
+    x = torch.randn(2, gh * gw, 128)
+    with torch.no_grad():
+        ours = window_block(blk, x, grid, window)
+        ph, pw = -(-gh // window) * window, -(-gw // window) * window
+        padded = torch.zeros(2, ph, pw, 128)
+        padded[:, :gh, :gw] = x.reshape(2, gh, gw, 128)
+        ref = torch.zeros_like(padded)
+        for top in range(0, ph, window):
+            for left in range(0, pw, window):
+                win = padded[:, top:top + window, left:left + window].reshape(2, -1, 128)
+                ref[:, top:top + window, left:left + window] = blk(win).reshape(2, window, window, 128)
+        torch.testing.assert_close(ours, ref[:, :gh, :gw].reshape(2, gh * gw, 128), rtol=1e-5, atol=1e-5)
+        if grid == (window, window):  # one window: the plain block
+            torch.testing.assert_close(ours, blk(x), rtol=1e-5, atol=1e-5)
+        y = x.clone()
+        y[:, 0] += 10 * torch.randn(128)  # the top-left token
+        changed = (window_block(blk, y, grid, window) - ours).abs().amax((0, 2)).reshape(gh, gw) > 0
+    assert changed[:window, :window].all() and not changed[window:].any() and not changed[:, window:].any()
+
+
+def test_vitdet_global_blocks_and_windowed_backbone():
+    assert global_blocks(12) == (2, 5, 8, 11) and global_blocks(24) == (5, 11, 17, 23)
+    assert global_blocks(32) == (7, 15, 23, 31)
+    torch.manual_seed(0)
+    bb = ViTBackbone("vit_pico_patch16", 128, (3,), window=4, global_attn=(3,)).eval()
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        (out,) = bb(x)
+        vit = bb.vit  # reference: class token dropped, blocks 0-2 on 4x4 windows, block 3 global
+        t = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))[:, 1:]
+        for blk in vit.blocks[:3]:
+            t = torch.cat([torch.cat([blk(t.reshape(1, 8, 8, 128)[:, r:r + 4, c:c + 4].reshape(1, 16, 128))
+                                      .reshape(1, 4, 4, 128) for c in (0, 4)], 2) for r in (0, 4)], 1).reshape(1, 64, 128)
+        t = vit.blocks[3](t)
+    torch.testing.assert_close(out, t.transpose(1, 2).reshape(1, 128, 8, 8), rtol=1e-5, atol=1e-5)
 
 
 def test_default_blocks_follow_beit_and_bad_blocks_are_one_line():
@@ -69,7 +115,7 @@ def test_simple_feature_pyramid_strides():
 
 def test_mask_rcnn_trains_and_predicts():
     torch.manual_seed(0)
-    model = build_mask_rcnn("vit_pico_patch16", 64, 3)
+    model = build_mask_rcnn("vit_pico_patch16", 64, 3, channels=32)
     images = [torch.rand(3, 64, 64) for _ in range(2)]
     masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
     masks[0, 10:30, 12:40] = 1

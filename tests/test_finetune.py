@@ -13,19 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, read_metrics, run_launch
-from peco_scale.config import ConfigError
+from conftest import ROOT, config_line, flags, ok, read_metrics, resolve_argv, run_launch
 from peco_scale.data import make_demo_dataset
 from peco_scale.data.eval import EvalLoader
-from peco_scale.train.config import config_from_argv
 from peco_scale.train.finetune_config import FinetuneConfig, resolve_finetune
 from peco_scale.models.transfer import build_classifier
 from peco_scale.tools.export import consolidate, create_timm_model, export_checkpoint
-
-
-def _ok(res):
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    return res
 
 
 @pytest.fixture(scope="module")
@@ -43,25 +36,23 @@ def pretrained(pretrain_run):
 
 
 def ft_args(data, val, init, out, **over):
-    args = {
+    return flags({
         "deepspeed_config": str(ROOT / "ds_configs/finetune_zero3_vith448.json"), "model": "vit_pico_patch16",
         "img_size": 64, "init": str(init), "data": str(data), "val": str(val), "output_dir": str(out),
         "batch_size": 8, "global_batch": 16, "max_steps": 6, "train.log_every": 1, "train.ckpt_every": 3,
         "workers": 0, "lr": 2e-3, "optim.base_batch": 16, "optim.warmup_steps": 2, "model.drop_path": 0.1,
         "model.ema_decay": 0.9,
-    }
-    args.update(over)
-    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+    }, over)
 
 
 def test_ema_under_zero3_resume_and_zero2_agree(demo_data, val_data, pretrained, tmp_path):
     full, part, z2 = tmp_path / "full", tmp_path / "part", tmp_path / "z2"
-    _ok(run_launch("launch/finetune.py", ft_args(demo_data, val_data, pretrained, full), ranks=2, port=29561))
-    _ok(run_launch("launch/finetune.py", ft_args(demo_data, val_data, pretrained, part, max_steps=3), ranks=2,
+    ok(run_launch("launch/finetune.py", ft_args(demo_data, val_data, pretrained, full), ranks=2, port=29561))
+    ok(run_launch("launch/finetune.py", ft_args(demo_data, val_data, pretrained, part, max_steps=3), ranks=2,
                    port=29562))
-    _ok(run_launch("launch/finetune.py", ft_args(demo_data, val_data, pretrained, part, **{"train.resume": "auto"}),
+    ok(run_launch("launch/finetune.py", ft_args(demo_data, val_data, pretrained, part, **{"train.resume": "auto"}),
                    ranks=2, port=29563))
-    _ok(run_launch("launch/finetune.py", ft_args(demo_data, val_data, pretrained, z2, **{"train.zero_stage": 2}),
+    ok(run_launch("launch/finetune.py", ft_args(demo_data, val_data, pretrained, z2, **{"train.zero_stage": 2}),
                    ranks=2, port=29564))
     rows = {name: read_metrics(run) for name, run in (("full", full), ("part", part), ("z2", z2))}
     train = {k: [r for r in v if "loss" in r] for k, v in rows.items()}
@@ -109,7 +100,7 @@ def test_stop_signal_saves_exits_75_and_resume_matches(demo_data, val_data, pret
 
     over = {"max_steps": 16, "train.ckpt_every": 1000}
     full, part = tmp_path / "full", tmp_path / "part"
-    _ok(run_launch("launch/finetune.py", ft_args(demo_data, val_data, pretrained, full, **over)))
+    ok(run_launch("launch/finetune.py", ft_args(demo_data, val_data, pretrained, full, **over)))
     proc = subprocess.Popen([sys.executable, str(ROOT / "launch/finetune.py"),
                              *ft_args(demo_data, val_data, pretrained, part, **over)], cwd=ROOT,
                             env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"},
@@ -127,7 +118,7 @@ def test_stop_signal_saves_exits_75_and_resume_matches(demo_data, val_data, pret
     assert 3 <= k < 16
     assert find_resume(part / "checkpoints") == part / "checkpoints" / f"step_{k:08d}"
     assert (full / "summary.json").exists() and not (part / "summary.json").exists()  # unfinished: no summary
-    _ok(run_launch("launch/finetune.py",
+    ok(run_launch("launch/finetune.py",
                    ft_args(demo_data, val_data, pretrained, part, **{**over, "train.resume": "auto"})))
     final = json.loads((part / "summary.json").read_text())["final"]
     assert isinstance(final["grad_norm"], float) and math.isfinite(final["grad_norm"])  # a number, not "tensor(...)"
@@ -148,7 +139,7 @@ def test_finetune_learns_the_demo_labels_and_exports_to_timm(tiny_tokenizer, pre
     train = tmp_path / "train"
     make_demo_dataset(train, images_per_class=100, seed=2, max_size=128)
     out = tmp_path / "ft"
-    res = _ok(run_launch("launch/finetune.py", ft_args(
+    res = ok(run_launch("launch/finetune.py", ft_args(
         train, val_data, pretrained, out, max_steps=0, epochs=8, lr=4e-3, **{
             "deepspeed_config": str(ROOT / "ds_configs/finetune_zero2_vitb.json"), "train.eval_every": 4,
             "data.mixup": 0, "data.cutmix": 0, "data.min_crop_scale": 0.35, "train.log_every": 50,
@@ -183,21 +174,13 @@ def test_finetune_learns_the_demo_labels_and_exports_to_timm(tiny_tokenizer, pre
     assert hits / 2 == evals[-1]["eval_top1"]
 
 
-def _resolve(argv):
-    cfg, _ = config_from_argv(argv, FinetuneConfig)
-    return resolve_finetune(cfg)
-
-
 def test_bad_inputs_are_one_clear_line(demo_data, val_data, pretrained, tmp_path):
     base = ft_args(demo_data, val_data, pretrained, tmp_path / "x")
-    r = _resolve(base)
+    r = resolve_argv(resolve_finetune, FinetuneConfig, base)
     assert r.num_classes == 10 and r.layer_decay == 0.8 and r.grad_accum == 2  # H/448 recipe decay; 16 / (8 x 1 rank)
 
     def line(extra, *words):
-        with pytest.raises(ConfigError) as e:
-            _resolve(base + extra)
-        msg = str(e.value)
-        assert "\n" not in msg and all(w in msg for w in words), msg
+        config_line(resolve_finetune, FinetuneConfig, base + extra, *words)
 
     line(["--img_size", "72"], "72", "not divisible", "position embeddings", "64 or 80")
     line(["--model.num_classes", "7"], "num_classes=7", "10 classes")

@@ -11,17 +11,13 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from conftest import pretrain_args, read_metrics, rewound_copy, run_launch
+from conftest import ok, pretrain_args, read_metrics, rewound_copy, run_launch
 from peco_scale.config import ConfigError
 from peco_scale.train.config import config_from_argv
 from peco_scale.train.pretrain_config import PretrainConfig, resolve_pretrain
 from peco_scale.models.artifact import load_tokenizer, save_tokenizer
 from peco_scale.models.vit import VIT_PRESETS, MaskedViT
 from peco_scale.tools.export import create_timm_model, export_checkpoint
-
-
-def _ok(res):
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
 
 
 @pytest.mark.slow
@@ -35,7 +31,7 @@ def test_zero3_two_ranks_learns_and_exports_to_timm(demo_data, tiny_tokenizer, t
                                                                       "optim.warmup_steps": 10,
                                                                       "model.drop_path": 0.0}),
                      ranks=2, port=29541)
-    _ok(res)
+    ok(res)
     assert "ZeRO 3" in res.stdout and "ZeRO-3 leaf blocks 4 " in res.stdout
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == list(range(10, 81, 10))
@@ -72,7 +68,7 @@ def test_zero3_two_ranks_learns_and_exports_to_timm(demo_data, tiny_tokenizer, t
 def two_rank_run(demo_data, tiny_tokenizer, tmp_path_factory) -> Path:
     """6 steps on 2 ranks under ZeRO-3, checkpoints at 3 and 6; the tests below resume copies of it."""
     out = tmp_path_factory.mktemp("two_ranks") / "run"
-    _ok(run_launch("launch/pretrain.py", pretrain_args(demo_data, tiny_tokenizer, out), ranks=2, port=29542))
+    ok(run_launch("launch/pretrain.py", pretrain_args(demo_data, tiny_tokenizer, out), ranks=2, port=29542))
     return out
 
 
@@ -89,7 +85,7 @@ def test_resume_reproduces_losses_and_refuses_other_tokenizer(demo_data, tiny_to
     assert len([ln for ln in res.stderr.splitlines() if ln.startswith("error:")]) == 1
     res = run_launch("launch/pretrain.py", pretrain_args(demo_data, tiny_tokenizer, part, **{"train.resume": "auto"}),
                      ranks=2, port=29544)
-    _ok(res)
+    ok(res)
     assert "resumed from" in res.stdout and "step_00000003" in res.stdout
     a, b = read_metrics(full), read_metrics(part)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
@@ -211,7 +207,7 @@ def test_wandb_offline_run_id_is_kept_in_checkpoints(demo_data, tiny_tokenizer, 
     monkeypatch.setattr(os, "environ", {**env, "WANDB_SILENT": "true"})
     res = run_launch("launch/pretrain.py", pretrain_args(demo_data, tiny_tokenizer, out, **{
         "max_steps": 2, "train.ckpt_every": 2, "train.wandb": "true"}))
-    _ok(res)
+    ok(res)
     assert "wandb: offline mode" in res.stdout
     state = json.loads((out / "checkpoints" / "step_00000002" / "state.json").read_text())
     run_id = state["wandb_id"]
@@ -240,7 +236,7 @@ def test_bf16_engine_path_runs_and_exports(demo_data, tiny_tokenizer, tmp_path):
     out = tmp_path / "bf16"
     res = run_launch("launch/pretrain.py", pretrain_args(demo_data, tiny_tokenizer, out, **{
         "max_steps": 4, "train.ckpt_every": 4, "train.precision": "bf16"}))
-    _ok(res)
+    ok(res)
     assert "ZeRO 3, bf16" in res.stdout
     rows = read_metrics(out)
     assert len(rows) == 4 and all(math.isfinite(r["loss"]) for r in rows)

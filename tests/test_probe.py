@@ -28,6 +28,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from conftest import demo_tree
 from peco_scale.data import make_demo_dataset, scan_image_folder
 from peco_scale.data.mim import IMAGENET_MEAN, IMAGENET_STD
 from peco_scale.train.tokenizer_config import tokenizer_config
@@ -109,9 +110,7 @@ def colour_data(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def demo_val(tmp_path_factory) -> Path:
     """A held-out demo tree: other seed, 10 images per class."""
-    root = tmp_path_factory.mktemp("demo_val")
-    make_demo_dataset(root, images_per_class=10, seed=1)
-    return root
+    return demo_tree(tmp_path_factory, "demo_val", 10, 1)
 
 
 @pytest.fixture(scope="module")

@@ -5,41 +5,23 @@ import json
 
 import pytest
 
-from conftest import ROOT, read_metrics, rewound_copy, run_launch
-from peco_scale.config import ConfigError
+from conftest import (ROOT, config_line, dense_args, export_cli, folder_files, ok, read_metrics, resolve_argv,
+                      rewound_copy, rows_match, run_launch)
 from peco_scale.data.dense_demo import make_dense_demo
 from peco_scale.train.config import config_from_argv
 from peco_scale.train.segment_config import SegmentConfig, resolve_segment
 
 
-@pytest.fixture(scope="module")
-def dense_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dense")
-    make_dense_demo(root, train_images=32, val_images=6, min_size=64, max_size=96)
-    return root
-
-
 def seg_args(data, out, **over):
-    args = {
-        "deepspeed_config": str(ROOT / "ds_configs/segment_zero2_vitb.json"), "model": "vit_pico_patch16",
-        "data": str(data), "output_dir": str(out), "crop": 64, "data.num_classes": 4, "batch_size": 4,
-        "global_batch": 8, "max_steps": 6, "train.eval_every": 3, "train.log_every": 1, "train.ckpt_every": 3,
-        "workers": 0, "model.channels": 32, "optim.warmup_steps": 2, "data.eval_stride": 43, "lr": 1e-3,
-        "optim.base_batch": 8,
-    }
-    args.update(over)
-    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
-
-
-def _ok(res):
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    return res
+    return dense_args(data, out, "segment_zero2_vitb.json", {
+        "crop": 64, "data.num_classes": 4, "batch_size": 4, "global_batch": 8, "max_steps": 6, "train.eval_every": 3,
+        "train.ckpt_every": 3, "model.channels": 32, "data.eval_stride": 43, "optim.base_batch": 8}, over)
 
 
 @pytest.fixture(scope="module")
 def two_rank_run(dense_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("seg") / "run"
-    _ok(run_launch("launch/segment.py", seg_args(dense_data, out), ranks=2, port=29591))
+    ok(run_launch("launch/segment.py", seg_args(dense_data, out), ranks=2, port=29591))
     return out
 
 
@@ -56,15 +38,10 @@ def test_two_ranks_evaluate_and_resume_exactly(dense_data, two_rank_run, tmp_pat
     assert best == f"step_{max(evals, key=lambda r: (r['eval_mIoU'], -r['step']))['step']:08d}"
 
     part = rewound_copy(two_rank_run, tmp_path / "part", 3)
-    res = _ok(run_launch("launch/segment.py", seg_args(dense_data, part, **{"train.resume": "auto"}), ranks=2,
+    res = ok(run_launch("launch/segment.py", seg_args(dense_data, part, **{"train.resume": "auto"}), ranks=2,
                          port=29592))
     assert "resumed from" in res.stdout and "step_00000003" in res.stdout
-    a, b = read_metrics(two_rank_run), read_metrics(part)
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
-        for key in ("loss", "decode_loss", "aux_loss", "eval_mIoU", "eval_aAcc"):
-            if key in ra:
-                assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), (ra["step"], key)
+    rows_match(two_rank_run, part, ("loss", "decode_loss", "aux_loss", "eval_mIoU", "eval_aAcc"))
 
 
 @pytest.mark.slow
@@ -72,7 +49,7 @@ def test_zero3_recipe_learns_on_the_demo(dense_data, tmp_path):
     """The ViT-L recipe's ZeRO-3 code path with a pico backbone: the training loss falls and the
     held-out mIoU ends above what predicting the majority class everywhere scores."""
     out = tmp_path / "run"
-    res = _ok(run_launch("launch/segment.py", seg_args(dense_data, out, **{
+    res = ok(run_launch("launch/segment.py", seg_args(dense_data, out, **{
         "deepspeed_config": str(ROOT / "ds_configs/segment_zero3_vitl.json"), "max_steps": 60,
         "train.eval_every": 60, "train.log_every": 10, "train.ckpt_every": 1000, "lr": 2e-3,
         "model.drop_path": 0.0, "model.layer_decay": 1.0}), ranks=2, port=29593))
@@ -94,21 +71,48 @@ def test_zero3_recipe_learns_on_the_demo(dense_data, tmp_path):
     assert summary["best"]["mIoU"] == pytest.approx(final["best_mIoU"])
 
 
-def _resolve(argv):
-    cfg, _ = config_from_argv(argv, SegmentConfig)
-    return resolve_segment(cfg)
+@pytest.mark.slow
+def test_eval_only_and_export_reproduce_the_best_evaluation(dense_data, two_rank_run, tmp_path):
+    """--eval_only on the run scores its best checkpoint again on 2 ranks, touching nothing in the
+    run folder; the exported segmenter, loaded in one process without DeepSpeed, scores the same."""
+    import torch
+    import torch.nn.functional as F
+
+    from peco_scale.data.segmentation import eval_samples
+    from peco_scale.metrics.segmentation import confusion_matrix, segmentation_scores
+    from peco_scale.models.dense import slide_logits
+    from peco_scale.tools.export import load_dense
+
+    best_step = json.loads((two_rank_run / "summary.json").read_text())["best"]["step"]
+    best = next(r for r in read_metrics(two_rank_run) if "eval_mIoU" in r and r["step"] == best_step)
+    before = folder_files(two_rank_run)
+    res = ok(run_launch("launch/segment.py", seg_args(dense_data, tmp_path / "ev", eval_only=str(two_rank_run)),
+                         ranks=2, port=29594))
+    assert "eval: mIoU" in res.stdout
+    again = json.loads((tmp_path / "ev" / f"eval_step_{best_step:08d}.json").read_text())
+    for key in ("eval_mIoU", "eval_aAcc", "eval_mAcc"):
+        assert again[key] == pytest.approx(best[key], rel=1e-6, abs=1e-6), key
+    assert folder_files(two_rank_run) == before
+
+    res = export_cli(str(two_rank_run), "--best", "--out", str(tmp_path / "s.safetensors"))
+    assert res.returncode == 0 and "segment model" in res.stdout, res.stderr[-2000:]
+    model, meta = load_dense(tmp_path / "s.safetensors")
+    conf = torch.zeros(4, 4, dtype=torch.int64)
+    with torch.no_grad():
+        for _, image, label in eval_samples(dense_data, "validation", meta["crop"]):
+            logits = slide_logits(model, image, 4, meta["crop"], 43)
+            logits = F.interpolate(logits, size=tuple(label.shape), mode="bilinear", align_corners=False)
+            conf += confusion_matrix(logits.argmax(1)[0], label, 4)
+    assert 100 * segmentation_scores(conf)["mIoU"] == pytest.approx(best["eval_mIoU"], rel=1e-6, abs=1e-6)
 
 
 def test_bad_inputs_are_one_clear_line(dense_data, tmp_path):
     base = seg_args(dense_data, tmp_path / "x")
-    r = _resolve(base)
+    r = resolve_argv(resolve_segment, SegmentConfig, base)
     assert r.blocks == (0, 1, 2, 3) and r.layer_decay == 0.65 and r.grad_accum == 2
 
     def line(extra, *words):
-        with pytest.raises(ConfigError) as e:
-            _resolve(base + extra)
-        msg = str(e.value)
-        assert "\n" not in msg and all(w in msg for w in words), msg
+        config_line(resolve_segment, SegmentConfig, base + extra, *words)
 
     line(["--crop", "70"], "not divisible by the patch size 16")
     line(["--model.blocks", "[0, 1, 5, 2]"], "must be increasing indices in 0..3")

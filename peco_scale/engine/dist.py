@@ -125,6 +125,27 @@ def average_norm_stats(module: torch.nn.Module) -> None:
         b.copy_(part.view_as(b).to(b.dtype))
 
 
+def match_forward_passes(passes: int, extra_pass, device: torch.device) -> None:
+    """Call ``extra_pass()`` until this rank has made as many forward passes as the busiest rank.
+    Under ZeRO-3 every forward gathers the parameters collectively, so ranks that evaluate fewer
+    images than others must still join every pass."""
+    if world_size() == 1:
+        return
+    most = torch.tensor([passes], dtype=torch.int64, device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    for _ in range(int(most) - passes):
+        extra_pass()
+
+
+def gather_objects(obj: object) -> list:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if world_size() == 1:
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj: object) -> object:
     """Rank 0's object on every rank."""
     if world_size() == 1:

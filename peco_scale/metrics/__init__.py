@@ -1,2 +1,3 @@
 """Evaluation metrics of the transfer tasks: ``segmentation`` (confusion matrix, mIoU, per-class
-IoU, pixel accuracy, as mmsegmentation reports them)."""
+IoU, pixel accuracy, as mmsegmentation reports them) and ``detection`` (COCO box and mask AP by
+pycocotools)."""

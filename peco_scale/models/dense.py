@@ -43,27 +43,54 @@ def check_blocks(blocks: tuple[int, ...], depth: int, want: int | None = None) -
     return tuple(blocks)
 
 
+def global_blocks(depth: int) -> tuple[int, ...]:
+    """ViTDet's global-attention blocks among windowed ones: the last of each quarter (B 2,5,8,11;
+    L 5,11,17,23; H 7,15,23,31)."""
+    return tuple(depth * k // 4 - 1 for k in (1, 2, 3, 4))
+
+
+def window_block(block: nn.Module, x: torch.Tensor, grid: tuple[int, int], window: int) -> torch.Tensor:
+    """Run a transformer block on non-overlapping ``window x window`` windows of the token grid
+    ``x [B, gh*gw, D]`` (zero-padded to whole windows; the padding takes part in attention, as in
+    ViTDet). Everything but attention acts per token, so this is the block with windowed attention."""
+    b, _, d = x.shape
+    gh, gw = grid
+    ph, pw = (-gh) % window, (-gw) % window
+    x = F.pad(x.reshape(b, gh, gw, d), (0, 0, 0, pw, 0, ph))
+    nh, nw = (gh + ph) // window, (gw + pw) // window
+    x = x.reshape(b, nh, window, nw, window, d).permute(0, 1, 3, 2, 4, 5).reshape(b * nh * nw, window * window, d)
+    x = block(x)
+    x = x.reshape(b, nh, nw, window, window, d).permute(0, 1, 3, 2, 4, 5).reshape(b, nh * window, nw * window, d)
+    return x[:, :gh, :gw].reshape(b, gh * gw, d)
+
+
 class ViTBackbone(nn.Module):
-    """A timm VisionTransformer (no head) returning the patch-token maps of ``blocks``."""
+    """A timm VisionTransformer (no head) returning the patch-token maps of ``blocks``. With
+    ``window`` > 0 (ViTDet) the class token is dropped after the position embedding and every
+    block but ``global_attn`` attends within ``window x window`` windows."""
 
     def __init__(self, name: str, img_size: int, blocks: tuple[int, ...], *, drop_path: float = 0.0,
-                 layer_scale: float | None = None) -> None:
+                 layer_scale: float | None = None, window: int = 0, global_attn: tuple[int, ...] = ()) -> None:
         super().__init__()
         preset = VIT_PRESETS[name]
         self.vit = build_classifier(name, img_size, 0, drop_path=drop_path, layer_scale=layer_scale)
         self.blocks = check_blocks(tuple(blocks), preset.depth)
         self.embed_dim, self.patch_size = preset.embed_dim, preset.patch_size
+        self.window, self.global_attn = window, set(global_attn)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         vit = self.vit
         b, _, h, w = x.shape
         grid = (h // self.patch_size, w // self.patch_size)
         x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+        prefix = vit.num_prefix_tokens
+        if self.window:
+            x, prefix = x[:, prefix:], 0
         out = []
         for i, blk in enumerate(vit.blocks[: self.blocks[-1] + 1]):
-            x = blk(x)
+            x = window_block(blk, x, grid, self.window) if self.window and i not in self.global_attn else blk(x)
             if i in self.blocks:
-                out.append(x[:, vit.num_prefix_tokens:].transpose(1, 2).reshape(b, -1, *grid))
+                out.append(x[:, prefix:].transpose(1, 2).reshape(b, -1, *grid))
         return out
 
 
@@ -141,10 +168,11 @@ class SimpleFeaturePyramid(nn.Module):
     """ViTDet's pyramid from the last block: P2..P5 at strides 4..32 (for patch 16), P6 at 64."""
 
     def __init__(self, name: str, img_size: int, *, out_channels: int = 256, drop_path: float = 0.1,
-                 layer_scale: float | None = None) -> None:
+                 layer_scale: float | None = None, window: int = 0, global_attn: tuple[int, ...] = ()) -> None:
         super().__init__()
         preset = VIT_PRESETS[name]
-        self.backbone = ViTBackbone(name, img_size, (preset.depth - 1,), drop_path=drop_path, layer_scale=layer_scale)
+        self.backbone = ViTBackbone(name, img_size, (preset.depth - 1,), drop_path=drop_path, layer_scale=layer_scale,
+                                    window=window, global_attn=global_attn)
         d = preset.embed_dim
         scales = [
             nn.Sequential(nn.ConvTranspose2d(d, d // 2, 2, 2), LayerNorm2d(d // 2), nn.GELU(),
@@ -170,20 +198,45 @@ class SimpleFeaturePyramid(nn.Module):
 
 
 def build_mask_rcnn(name: str, img_size: int, num_classes: int, *, drop_path: float = 0.1,
-                    layer_scale: float | None = None, mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+                    layer_scale: float | None = None, window: int = 0, global_attn: tuple[int, ...] = (),
+                    channels: int = 256, mean: tuple[float, ...] = (0.485, 0.456, 0.406),
                     std: tuple[float, ...] = (0.229, 0.224, 0.225), **kwargs: Any) -> nn.Module:
     """torchvision's Mask R-CNN (RPN, RoIAlign heads) on :class:`SimpleFeaturePyramid`;
-    ``num_classes`` excludes the background. Images come in padded to ``img_size`` square."""
+    ``num_classes`` excludes the background. ``channels``: the pyramid's and the mask head's width
+    (256 as in ViTDet; the box head's MLP is 4x that). Images come in in [0, 1], padded to
+    ``img_size`` square (the detector normalises them and, at that size, does not resize)."""
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
     from torchvision.ops import MultiScaleRoIAlign
 
-    backbone = SimpleFeaturePyramid(name, img_size, drop_path=drop_path, layer_scale=layer_scale)
+    backbone = SimpleFeaturePyramid(name, img_size, out_channels=channels, drop_path=drop_path,
+                                    layer_scale=layer_scale, window=window, global_attn=global_attn)
     levels = ["p2", "p3", "p4", "p5"]
     anchors = AnchorGenerator(sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
-    return MaskRCNN(backbone, num_classes=num_classes + 1, rpn_anchor_generator=anchors,
+    classes = num_classes + 1
+    return MaskRCNN(backbone, rpn_anchor_generator=anchors,
                     box_roi_pool=MultiScaleRoIAlign(levels, 7, 0), mask_roi_pool=MultiScaleRoIAlign(levels, 14, 0),
+                    box_head=TwoMLPHead(channels * 7 * 7, 4 * channels),
+                    box_predictor=FastRCNNPredictor(4 * channels, classes),
+                    mask_head=MaskRCNNHeads(channels, (channels,) * 4, 1),
+                    mask_predictor=MaskRCNNPredictor(channels, channels, classes),
                     min_size=img_size, max_size=img_size, image_mean=list(mean), image_std=list(std), **kwargs)
+
+
+def build_dense(kind: str, meta: dict[str, Any], *, drop_path: float = 0.0, layer_scale: float | None = None) -> nn.Module:
+    """The task model of a segment or detect run from the ``model`` entry its checkpoints save
+    (and its exports carry): a :class:`Segmenter` or a Mask R-CNN."""
+    if kind == "segment":
+        return Segmenter(meta["name"], int(meta["crop"]), int(meta["num_classes"]), blocks=tuple(meta["blocks"]),
+                         drop_path=drop_path, layer_scale=layer_scale, channels=int(meta["channels"]))
+    if kind == "detect":
+        return build_mask_rcnn(meta["name"], int(meta["size"]), int(meta["num_classes"]), drop_path=drop_path,
+                               layer_scale=layer_scale, window=int(meta["window"]),
+                               global_attn=tuple(meta["global_attn"]), channels=int(meta["channels"]),
+                               box_detections_per_img=int(meta["detections"]))
+    raise ValueError(f"no dense model of kind '{kind}' (segment or detect)")
 
 
 def window_starts(size: int, crop: int, stride: int) -> list[int]:

@@ -23,6 +23,8 @@ from ..config import field
 
 @dataclass
 class QuantizerConfig:
+    """EMA vector quantizer."""
+
     codebook_size: int = field(8192, "K, the number of codes (the MIM head's vocabulary)")
     dim: int = field(32, "D, the code dimension (low-dimensional codes raise usage)")
     metric: str = field("euclidean", "euclidean, or cosine (l2-normalised codes and inputs)")

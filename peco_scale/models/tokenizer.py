@@ -20,6 +20,8 @@ from .quantizer import EMAVectorQuantizer, QuantizerConfig
 
 @dataclass
 class TokenizerModelConfig:
+    """Tokenizer architecture."""
+
     preset: str = field("default", "named preset: default (paper), lite (half channels), tiny (tests/demo)")
     in_channels: int = field(3, "image channels")
     base_channels: int = field(64, "channels of the first stage; doubled by ch_mult at each downsample")

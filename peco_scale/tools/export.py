@@ -1,7 +1,10 @@
-"""Export a stage-2 checkpoint's backbone, or a fine-tuned classifier, for timm.
+"""Export a stage-2 checkpoint's backbone, or a fine-tuned classifier, for timm; or a fine-tuned
+segmenter / detector whole.
 
     python -m peco_scale.tools.export runs/pretrain [--out backbone.safetensors] [--keep_layer_scale]
     python -m peco_scale.tools.export runs/finetune [--best] [--ema] [--out classifier.safetensors]
+    python -m peco_scale.tools.export runs/segment [--best] [--out segmenter.safetensors]
+    python -m peco_scale.tools.export runs/detect [--best] [--out detector.safetensors]
 
 Consolidates a DeepSpeed checkpoint (any ZeRO stage; ZeRO 1-3 through DeepSpeed's
 ``zero_to_fp32`` from the fp32 master weights) into one fp32 state dict in timm's layout. The
@@ -15,6 +18,11 @@ A fine-tuning checkpoint exports whole (backbone + ``fc_norm`` + head) to
 ``<run>/classifier.safetensors``, loadable into ``timm.create_model(name, pretrained=False,
 num_classes=N, global_pool="avg")``; ``--best`` takes the checkpoint named by
 ``checkpoints/best`` instead of the newest, ``--ema`` its EMA weights.
+
+A segmentation or detection checkpoint exports its whole model (ViT, neck or pyramid, heads;
+fp32, the names of :class:`~peco_scale.models.dense.Segmenter` / torchvision's Mask R-CNN) to
+``<run>/segmenter.safetensors`` or ``<run>/detector.safetensors``, with the architecture in the
+metadata: :func:`load_dense` rebuilds the model and loads it with ``strict=True``.
 
 Exit status 0 on success; bad input prints one ``error:`` line to stderr and exits 2.
 """
@@ -81,6 +89,35 @@ def export_classifier(folder: Path, state: dict[str, Any], out: str | Path | Non
     return {"backbone": str(out), "mim": None, "timm_name": timm_name, "timm_kwargs": kwargs, "step": state["step"]}
 
 
+DENSE_FILES = {"segment": "segmenter.safetensors", "detect": "detector.safetensors"}
+DENSE_FORMAT = "peco-dense/1"  # metadata "format" of an exported segmenter or detector
+
+
+def export_dense(folder: Path, state: dict[str, Any], out: str | Path | None) -> dict[str, Any]:
+    """Write a fine-tuned segmenter or detector whole (fp32) with what rebuilds it in its metadata."""
+    full = consolidate(folder)
+    out = Path(out) if out else folder.parent.parent / DENSE_FILES[state["kind"]]
+    meta = {"format": DENSE_FORMAT, "kind": state["kind"], "model": json.dumps(state["model"]),
+            "step": str(state["step"]), "source": str(folder)}
+    _save(out, full, meta)
+    return {"backbone": str(out), "mim": None, "kind": state["kind"], "step": state["step"]}
+
+
+def load_dense(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(model in eval mode, its ``model`` metadata) of an exported segmenter or detector, loaded strictly."""
+    from ..models.dense import build_dense
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != DENSE_FORMAT:
+            raise ConfigError(f"'{path}' is not a peco-scale segmenter/detector export (format {meta.get('format')!r})")
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    mod = json.loads(meta["model"])
+    model = build_dense(meta["kind"], mod, layer_scale=VIT_PRESETS[mod["name"]].layer_scale if mod["layer_scale"] else None)
+    model.load_state_dict(sd, strict=True)
+    return model.eval(), mod
+
+
 def export_checkpoint(path: str | Path, out: str | Path | None = None, *, fold_layer_scale: bool = True,
                       best: bool = False, ema: bool = False) -> dict[str, Any]:
     """Write the backbone (+ head file) of a checkpoint; returns paths and the timm spec."""
@@ -90,6 +127,10 @@ def export_checkpoint(path: str | Path, out: str | Path | None = None, *, fold_l
         raise ConfigError(f"checkpoint {folder} is not a stage-2 (pretrain) or fine-tuning checkpoint")
     if state.get("kind") == "finetune":
         return export_classifier(folder, state, out, fold_layer_scale=fold_layer_scale, ema=ema)
+    if state.get("kind") in DENSE_FILES:
+        if ema:
+            raise ConfigError(f"checkpoint {folder} is a {state['kind']} checkpoint, which keeps no EMA; drop --ema")
+        return export_dense(folder, state, out)
     if ema:
         raise ConfigError(f"checkpoint {folder} is a pre-training checkpoint, which keeps no EMA; drop --ema")
     name, img_size = state["model"]["name"], int(state["model"]["img_size"])
@@ -146,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if "kind" in res:
+        print(f"{res['kind']} model (step {res['step']}): {res['backbone']}")
+        print(f"load: model, meta = peco_scale.tools.export.load_dense('{res['backbone']}')")
+        return 0
     kw = ", ".join(f"{k}={v!r}" for k, v in res["timm_kwargs"].items())
     if res["mim"]:
         print(f"backbone (step {res['step']}): {res['backbone']}\nMIM head + mask token: {res['mim']}")

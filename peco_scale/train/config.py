@@ -20,18 +20,19 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 from peco_kernels import BACKENDS as KERNEL_BACKENDS
 
-from ..config import ConfigError, apply_overrides, field, load_file, parse_cli
+from ..config import ConfigError, apply_overrides, field, load_file, parse_cli, section
 from ..data.spec import BACKENDS as DATA_BACKENDS
+from ..models.vit import parse_model_name
 from .recipe import read_recipe, resolve_accum
 
 log = logging.getLogger("peco_scale")
 
 PRECISIONS = ("auto", "bf16", "fp32")
-SCHEDULES = ("constant", "cosine", "poly")
+SCHEDULES = ("constant", "cosine", "poly", "step")
 
 # old key -> new key (both config files and flags)
 RENAMED = {"train.grad_clip": "optim.grad_clip", "quantizer.kernels": "train.kernels", "model.kernels": "train.kernels"}
@@ -41,6 +42,8 @@ REMOVED = {"optim.min_lr_ratio": "set optim.min_lr, the cosine schedule's final 
 
 @dataclass
 class DataConfig:
+    """Input data and augmentation."""
+
     path: str = field("", "ImageFolder root (root/<class>/<img> or root/train/<class>/<img>), or a .beton for ffcv")
     backend: str = field("folder", "folder (PIL in DataLoader workers), ffcv (a .beton) or dali (the folder)")
     workers: int = field(8, "loader workers (folder, ffcv) or threads (dali) per rank")
@@ -51,12 +54,15 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    """Optimizer (AdamW; the tokenizer's Adam) and learning-rate schedule."""
+
     lr: float = field(1.5e-3, "learning rate at optim.base_batch images (scaled linearly with the global batch)")
     base_batch: int = field(2048, "global batch at which optim.lr is given (0 = lr is not scaled)")
     betas: tuple[float, float] = field((0.9, 0.999), "Adam(W) betas")
     eps: float = field(1e-8, "Adam(W) eps")
     weight_decay: float = field(0.05, "weight decay")
-    schedule: str = field("cosine", "after warm-up: cosine or poly (linear, power 1; both down to optim.min_lr) or constant")
+    schedule: str = field("cosine", "after warm-up: cosine or poly (linear, power 1; both down to optim.min_lr), "
+                                              "step (x0.1 at 88.9% and 96.3% of the steps) or constant")
     warmup_epochs: float = field(10.0, "linear warm-up in epochs")
     warmup_steps: int = field(-1, "linear warm-up in steps (-1 = from warmup_epochs)")
     min_lr: float = field(1e-5, "the cosine schedule ends here")
@@ -65,6 +71,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """Run control."""
+
     output_dir: str = field("runs/run", "run folder: config, metrics.jsonl, checkpoints")
     batch_size: int = field(0, "micro-batch per rank (0 = the recipe's train_micro_batch_size_per_gpu)")
     grad_accum: int = field(0, "micro-steps per optimizer step (0 = global_batch / (batch_size x world size))")
@@ -85,8 +93,37 @@ class TrainConfig:
     wandb_project: str = field("peco-scale", "wandb project")
 
 
+@dataclass
+class TransferModelConfig:
+    """A pre-trained backbone inside a task model (the stage's recipe values by backbone size
+    follow this line)."""
+
+    name: str = field("vit_base_patch16", "backbone preset (vit_pico_patch16 ... vit_huge_patch14), optional "
+                                          "_224/_448 suffix")
+    init: str = field("", "pretrained weights: a stage-2 run/checkpoint folder, an exported backbone.safetensors, "
+                          "or a timm checkpoint file ('' = random init)")
+    drop_path: float = field(-1.0, "stochastic depth (-1 = the recipe's for the backbone size)")
+    layer_decay: float = field(-1.0, "layer-wise lr decay (-1 = the recipe's for the backbone size; 1 = off)")
+
+
+@dataclass
+class EvalTrainConfig(TrainConfig):
+    """Run control of a stage that evaluates on held-out data."""
+
+    eval_only: str = field("", "evaluate this checkpoint and exit, training nothing: a step_XXXXXXXX folder, or a run "
+                               "folder (its best checkpoint, else its newest); the row goes to "
+                               "<output_dir>/eval_<checkpoint>.json")
+
+
 class StageConfig:
-    """Mixin of a stage's config tree: its command-line shorthands, presets and ZeRO stages."""
+    """Base of a stage's config tree. A stage names its sections as class keywords, in order::
+
+        class FinetuneConfig(StageConfig, model=FinetuneModelConfig, data=FinetuneDataConfig, ...):
+            ALIASES = {...}
+
+    Each keyword becomes a field holding that section built with its own defaults (documented by
+    the section class's docstring), and the class becomes a dataclass. Class attributes: the
+    command-line shorthands, presets and the ZeRO stages the stage supports."""
 
     ALIASES: ClassVar[dict[str, str]] = {}
     PRESET_KEY: ClassVar[str] = ""  # dotted key naming a preset ('' = the stage has none)
@@ -94,13 +131,22 @@ class StageConfig:
     PRESET_WHAT: ClassVar[str] = "preset"
     ZERO_STAGES: ClassVar[tuple[int, ...]] = (0, 1, 2, 3)
 
+    def __init_subclass__(cls, **sections: type) -> None:
+        super().__init_subclass__()
+        annotations = dict(cls.__dict__.get("__annotations__", {}))
+        for name, section_cls in sections.items():
+            annotations[name] = section_cls
+            setattr(cls, name, section(section_cls, (section_cls.__doc__ or "").strip()))
+        cls.__annotations__ = annotations
+        dataclass(cls)
+
 
 # shorthands every stage accepts
 COMMON_ALIASES = {
     "data": "data.path", "output_dir": "train.output_dir", "epochs": "train.epochs", "max_steps": "train.max_steps",
     "resume": "train.resume", "deepspeed_config": "train.deepspeed_config", "batch_size": "train.batch_size",
     "global_batch": "train.global_batch", "grad_accum": "train.grad_accum", "seed": "train.seed", "lr": "optim.lr",
-    "workers": "data.workers", "kernels": "train.kernels",
+    "workers": "data.workers", "kernels": "train.kernels", "eval_only": "train.eval_only",
 }
 
 
@@ -187,10 +233,20 @@ def check_common(cfg: Any, world: int | None = None) -> int:
     if not (math.isfinite(o.lr) and o.lr > 0) or o.base_batch < 0:
         raise ConfigError(f"optim.lr={o.lr} must be positive and optim.base_batch={o.base_batch} >= 0")
     if o.schedule not in SCHEDULES:
-        raise ConfigError(f"optim.schedule='{o.schedule}' must be constant, cosine or poly")
+        raise ConfigError(f"optim.schedule='{o.schedule}' must be one of {', '.join(SCHEDULES)}")
     if t.resume not in ("", "auto") and not Path(t.resume).is_dir():
         raise ConfigError(f"train.resume='{t.resume}' is neither 'auto' nor a checkpoint folder")
     return resolve_accum(t.batch_size, t.grad_accum, t.global_batch, world, t.deepspeed_config)
+
+
+@dataclass(kw_only=True)
+class TransferResolved(Batching):
+    """What a transfer stage's checks resolve: the backbone preset and its recipe values."""
+
+    model_name: str
+    num_classes: int
+    drop_path: float
+    layer_decay: float
 
 
 def world_from_env() -> int:
@@ -200,3 +256,30 @@ def world_from_env() -> int:
 def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
     """``optim.lr`` scaled linearly from ``optim.base_batch`` to ``global_batch`` (unscaled when 0)."""
     return optim.lr * global_batch / optim.base_batch if optim.base_batch else optim.lr
+
+
+def model_size(name: str, img_size: int, what: str = "") -> tuple[str, Any, int]:
+    """(canonical name, preset, resolution) of a backbone; a resolution that is not a multiple of
+    the patch size is one line."""
+    name, preset, size = parse_model_name(name, img_size or None)
+    p = preset.patch_size
+    if size <= 0 or size % p:
+        lo = max(p, size // p * p)
+        raise ConfigError(f"model.img_size={size} is not divisible by the patch size {p} of {name}{what}; "
+                          f"use {lo} or {lo + p}")
+    return name, preset, size
+
+
+def transfer_backbone(m: Any, img_size: int, what: str, decay: Callable[[str], float],
+                      drop: Callable[[str], float]) -> tuple[str, Any, int, float, float]:
+    """(name, preset, resolution, drop_path, layer_decay) of a transfer stage's backbone from its
+    model section (name, init, drop_path, layer_decay; negative = the preset's value from
+    ``drop`` / ``decay``), checked one line each."""
+    name, preset, size = model_size(m.name, img_size, what)
+    if m.init and not Path(m.init).exists():
+        raise ConfigError(f"model.init='{m.init}' does not exist; pass a stage-2 run folder, an exported "
+                          f"backbone.safetensors or a timm checkpoint file (or '' for random init)")
+    layer_decay = decay(name) if m.layer_decay < 0 else m.layer_decay
+    if not 0 < layer_decay <= 1:
+        raise ConfigError(f"model.layer_decay={m.layer_decay} must be in (0, 1] (1 = no decay)")
+    return name, preset, size, drop(name) if m.drop_path < 0 else m.drop_path, layer_decay

@@ -1,12 +1,12 @@
 """The shared body of the launch/ entry points: ``main(stage, argv, doc)`` parses, checks and
 trains the stage named (a module of this package with ``CONFIG``, ``resolve``, ``STAGE`` (its
-:class:`~peco_scale.train.trainer.Stage`), ``report`` and ``USER_ERRORS``), with --help,
-logging, the error lines and exit codes.
+:class:`~peco_scale.train.trainer.Stage`) and ``USER_ERRORS``), with --help, logging, the error
+lines and exit codes.
 
 Exit codes: 0 done, 2 bad input (one ``error:`` line: ConfigError, DataError, or a stage's own
 user-error types), 3 non-finite loss, 4 a checkpoint could not be written (full disk; the previous
 one is kept), 75 stopped by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint (resume with
-``--resume auto``; the SLURM scripts requeue on it). The stage's summary is printed by its
+``--resume auto``; the SLURM scripts requeue on it). The summary is printed by the stage's
 ``report`` on rank 0, which also writes it to ``<run>/summary.json`` (read by the collect tool).
 """
 
@@ -32,7 +32,7 @@ def main(stage: str, argv: list[str], doc: str) -> int:
 
         return Trainer(spec.STAGE(cfg, ds_dict)).run()
 
-    return run_entry(argv, doc, spec.CONFIG, run, spec.report, spec.USER_ERRORS)
+    return run_entry(argv, doc, spec.CONFIG, run, spec.STAGE.report, spec.USER_ERRORS)
 
 
 def run_entry(argv: list[str], doc: str, cls: type, run: Callable[[list[str]], dict[str, Any]],

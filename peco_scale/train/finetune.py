@@ -25,25 +25,12 @@ from ..config import ConfigError
 from ..data import AugmentSpec
 from ..data.eval import EvalLoader
 from ..engine import dist as pdist
-from ..engine import ds
 from ..engine.ema import ShardedEMA
-from ..engine.logger import log
-from ..engine.weights import load_pretrained
-from ..models.transfer import adapt_state_dict, build_classifier, has_layer_scale, layer_decay_groups
+from ..models.transfer import build_classifier
 from ..models.vit import VIT_PRESETS
 from ..models.cost import vit_forward_flops
 from .finetune_config import FinetuneConfig, resolve_finetune
-from .trainer import EvalStage, use_bf16
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
+from .transfer import TransferStage
 
 
 def build_criterion(cfg: FinetuneConfig, num_classes: int):
@@ -81,14 +68,13 @@ def evaluate(engine, loader: EvalLoader, device: torch.device, dtype: torch.dtyp
             "images": int(sums[0]), "skipped": int(sums[4])}
 
 
-class FinetuneStage(EvalStage):
+class FinetuneStage(TransferStage):
     name = "finetune"
     best_metric = "top1"
+    EVAL_TEXT = ("top-1 {eval_top1:.2f}% top-5 {eval_top5:.2f}% loss {eval_loss:.4f}"
+                 " on {eval_images} images, chance {chance:.2f}%")
     cfg: FinetuneConfig
-
-    def check(self, world: int) -> None:
-        self.r = resolve_finetune(self.cfg, world)
-        self.grad_accum, self.global_batch = self.r.grad_accum, self.r.global_batch
+    resolver = staticmethod(resolve_finetune)
 
     def build_loader(self):
         d, r = self.cfg.data, self.r
@@ -102,55 +88,31 @@ class FinetuneStage(EvalStage):
                                       device=str(self.device))
 
     def build_models(self) -> None:
-        """The classifier with the pretrained weights of ``model.init``."""
-        cfg, r = self.cfg, self.r
-        sd, info = (load_pretrained(cfg.model.init) if cfg.model.init else ({}, {"kind": "random"}))
-        preset = VIT_PRESETS[r.model_name]
-        # keep layer scale when the weights have gammas (stage-2 checkpoints; random init uses the preset's)
-        layer_scale = preset.layer_scale if (has_layer_scale(sd) or not sd) and preset.layer_scale > 0 else None
+        """The classifier with the pretrained weights of ``model.init``; a fresh head."""
+        r = self.r
+        sd, info, layer_scale = self.pretrained()
         model = build_classifier(r.model_name, r.img_size, r.num_classes, drop_path=r.drop_path,
                                  layer_scale=layer_scale)
-        if sd:
-            weights = adapt_state_dict(sd, model, source=f"model.init '{cfg.model.init}'")
-            missing, unexpected = model.load_state_dict(weights, strict=False)
-            assert not unexpected and all(k.startswith(("head.", "fc_norm.")) for k in missing), (missing, unexpected)
-            info["loaded"] = len(weights)
+        self.load_vit(model, sd, info)
         with torch.no_grad():
             torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)
             torch.nn.init.zeros_(model.head.bias)
-        info["layer_scale"] = layer_scale is not None
         self.model, self.info = model, info
-        self.flops_per_image = 3 * vit_forward_flops(preset, r.img_size)  # forward + backward (2x), per image
-
-    def seed_rank(self, seed: int) -> None:
-        seed_everything(seed)  # drop path (torch), mixup/cutmix (numpy, random): per rank, saved on checkpoints
+        self.flops_per_image = 3 * vit_forward_flops(VIT_PRESETS[r.model_name], r.img_size)  # forward + backward
 
     def build_engines(self) -> dict[str, Any]:
-        o, device = self.cfg.optim, self.device
-        self.bf16 = use_bf16(self.cfg.train.precision, self.ds_dict, device)
-        self.dtype = torch.bfloat16 if self.bf16 else torch.float32
-        self.ds_cfg = self.ds_config(self.bf16)
-        groups = layer_decay_groups(self.model, o.weight_decay, self.r.layer_decay)
-        for g in groups:
-            g.pop("names")
-        self.n_groups = len(groups)
-        optimizer = torch.optim.AdamW(groups, lr=self.schedule.base_lr, betas=tuple(o.betas), eps=o.eps,
-                                      fused=device.type == "cuda")
-        engine = ds.initialize(self.model.to(device), optimizer, self.ds_cfg)
-        self.ema = ShardedEMA(engine.module, self.cfg.model.ema_decay) if self.cfg.model.ema else None
+        engines = super().build_engines()
+        self.ema = ShardedEMA(engines["model"].module, self.cfg.model.ema_decay) if self.cfg.model.ema else None
         self.mixup, self.criterion = build_criterion(self.cfg, self.r.num_classes)
-        return {"model": engine}
+        return engines
 
     def checkpoint_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters()) * (5 if self.ema is not None else 4) // 4  # EMA: +4 B
 
     def describe(self) -> str:
-        r, d, m = self.r, self.cfg.data, self.cfg.model
-        return (f"fine-tune {r.model_name} at {r.img_size} px, {r.num_classes} classes, from "
-                f"{m.init or 'random init'} ({self.info['kind']}); layer decay {r.layer_decay:.2f} over "
-                f"{self.n_groups} groups, drop path {r.drop_path:.2f}, mixup {d.mixup:.2g} cutmix {d.cutmix:.2g} "
-                f"smoothing {d.smoothing:.2g}; ZeRO {self.ds_cfg['zero_optimization'].get('stage', 0)}, "
-                f"{'bf16' if self.bf16 else 'fp32'}; lr {self.schedule.base_lr:.3g}")
+        r, d = self.r, self.cfg.data
+        return (f"fine-tune {r.model_name} at {r.img_size} px, {r.num_classes} classes, mixup {d.mixup:.2g} cutmix "
+                f"{d.cutmix:.2g} smoothing {d.smoothing:.2g}, {self.transfer_text()}")
 
     def micro_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
         device, engine = self.device, self.engines["model"]
@@ -168,30 +130,29 @@ class FinetuneStage(EvalStage):
         if self.ema is not None:
             self.ema.update()
 
-    def evaluate(self, step: int, stopping: bool) -> tuple[dict[str, Any] | None, bool]:
-        per_epoch, total = self.schedule.steps_per_epoch, self.schedule.total
-        epoch_done = step % per_epoch == 0
-        if not ((epoch_done and (step // per_epoch) % self.cfg.train.eval_every == 0) or step == total):
-            return None, False
+    def eval_due(self, step: int, stopping: bool) -> bool:
+        per_epoch = self.schedule.steps_per_epoch
+        return (step % per_epoch == 0 and (step // per_epoch) % self.cfg.train.eval_every == 0) or \
+            step == self.schedule.total
+
+    def eval_row(self, step: int) -> dict[str, Any]:
         engine = self.engines["model"]
         res = evaluate(engine, self.eval_loader, self.device, self.dtype)
-        row = {"step": step, "epoch": step / per_epoch, "eval_top1": res["top1"], "eval_top5": res["top5"],
-               "eval_loss": res["loss"], "eval_images": res["images"], "eval_skipped": res["skipped"]}
+        row = {"step": step, "epoch": step / self.schedule.steps_per_epoch, "eval_top1": res["top1"],
+               "eval_top5": res["top5"], "eval_loss": res["loss"], "eval_images": res["images"],
+               "eval_skipped": res["skipped"]}
         if self.ema is not None:
             with self.ema.swapped():
                 res_ema = evaluate(engine, self.eval_loader, self.device, self.dtype)
             row.update(ema_eval_top1=res_ema["top1"], ema_eval_top5=res_ema["top5"], ema_eval_loss=res_ema["loss"])
-        improved = self.record_eval(row, res["top1"], step)
-        log.info("eval at step %d (epoch %.2f): top-1 %.2f%%, top-5 %.2f%%, loss %.4f on %d images%s; best %.2f%%",
-                 step, row["epoch"], res["top1"], res["top5"], res["loss"], res["images"],
-                 f"; EMA top-1 {row['ema_eval_top1']:.2f}%" if self.ema is not None else "", self.best["top1"])
-        return row, improved
+        return row
 
-    def client_state(self) -> dict[str, Any]:
+    def eval_extra(self, row: dict[str, Any]) -> str:
+        return f"; EMA top-1 {row['ema_eval_top1']:.2f}%" if "ema_eval_top1" in row else ""
+
+    def model_meta(self) -> dict[str, Any]:
         r = self.r
-        return {"model": {"name": r.model_name, "img_size": r.img_size, "num_classes": r.num_classes,
-                          "classes": r.classes, "layer_scale": self.info["layer_scale"]},
-                "init": {"path": self.cfg.model.init, "kind": self.info["kind"]}, "best": self.best}
+        return {"name": r.model_name, "img_size": r.img_size, "num_classes": r.num_classes, "classes": r.classes}
 
     def rank_state(self) -> dict[str, Any] | None:
         return {"ema": self.ema.state_dict()} if self.ema is not None else None
@@ -220,13 +181,3 @@ class FinetuneStage(EvalStage):
 
 # -- what launch/finetune.py runs (train/entry.py) -----------------------------------------------
 CONFIG, resolve, STAGE, USER_ERRORS = FinetuneConfig, resolve_finetune, FinetuneStage, ()
-
-
-def report(summary: dict[str, Any]) -> None:
-    ev = summary["eval"]
-    print(f"metrics: {summary['metrics']}")
-    if ev:
-        print(f"eval: top-1 {ev['eval_top1']:.2f}% top-5 {ev['eval_top5']:.2f}% on {ev['eval_images']} images, "
-              f"chance {100.0 / summary['num_classes']:.2f}% (best top-1 {summary['best']['top1']:.2f}% at step "
-              f"{summary['best']['step']})")
-    print(f"checkpoint: {summary['checkpoint']}")

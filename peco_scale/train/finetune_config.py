@@ -4,30 +4,29 @@ order are in ``config.py``. Defaults follow the BEiT/PeCo fine-tuning recipe (do
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from ..config import ConfigError, field, section
+from ..config import ConfigError, field, with_defaults
 from ..models.transfer import default_drop_path, default_layer_decay
-from .config import Batching, DataConfig, OptimConfig, StageConfig, TrainConfig, check_common, world_from_env
-from .pretrain_config import model_size
+from .config import (DataConfig, EvalTrainConfig, OptimConfig, StageConfig, TransferModelConfig, TransferResolved,
+                     check_common, transfer_backbone, world_from_env)
 
 
 @dataclass
-class FinetuneModelConfig:
-    name: str = field("vit_base_patch16", "backbone preset (vit_pico_patch16 ... vit_huge_patch14), optional _224/_448 suffix")
+class FinetuneModelConfig(TransferModelConfig):
+    """Classifier and its initialisation. Recipe by backbone (-1): drop path 0.1 B and smaller,
+    0.2 L, 0.3 H; layer decay 0.65 B and smaller, 0.75 L, 0.8 H."""
+
     img_size: int = field(0, "fine-tuning resolution (0 = the name's suffix, else 224); position embeddings are resized")
-    init: str = field("", "pretrained weights: a stage-2 run/checkpoint folder, an exported backbone.safetensors, "
-                          "or a timm checkpoint file ('' = random init)")
     num_classes: int = field(0, "classifier outputs (0 = the number of classes in data.path)")
-    drop_path: float = field(-1.0, "stochastic depth (-1 = preset: 0.1 for B and smaller, 0.2 L, 0.3 H)")
-    layer_decay: float = field(-1.0, "layer-wise lr decay (-1 = preset: 0.65 B and smaller, 0.75 L, 0.8 H; 1 = off)")
     ema: bool = field(False, "keep an EMA of the weights (partitioned like the weights under ZeRO-3) and evaluate it")
     ema_decay: float = field(0.9999, "EMA decay per optimizer step")
 
 
 @dataclass
 class FinetuneDataConfig(DataConfig):
+    """Data, augmentation, mixup/cutmix and evaluation."""
+
     path: str = field("", "training ImageFolder root (root/<class>/<img> or root/train/<class>/<img>), or a .beton")
     val_path: str = field("", "held-out ImageFolder root evaluated every epoch (same classes as data.path)")
     backend: str = field("folder", "training reader: folder, ffcv (a .beton) or dali; evaluation reads the folder")
@@ -38,41 +37,25 @@ class FinetuneDataConfig(DataConfig):
     eval_batch_size: int = field(0, "evaluation micro-batch per rank (0 = train.batch_size)")
 
 
-@dataclass
-class FinetuneOptimConfig(OptimConfig):
-    lr: float = field(4e-3, "AdamW lr at optim.base_batch images (scaled linearly with the global batch)")
-    base_batch: int = field(1024, "global batch at which optim.lr is given")
-    warmup_epochs: float = field(20.0, "linear warm-up in epochs")
-    min_lr: float = field(1e-6, "the cosine schedule ends here")
-    grad_clip: float = field(0.0, "gradient-norm clipping (0 = off, as BEiT fine-tuning)")
+FinetuneOptimConfig = with_defaults(OptimConfig, "FinetuneOptimConfig", lr=4e-3, base_batch=1024, warmup_epochs=20.0,
+                                    min_lr=1e-6)
 
 
-@dataclass
-class FinetuneTrainConfig(TrainConfig):
-    output_dir: str = field("runs/finetune", "run folder: config, metrics.jsonl, checkpoints")
-    deepspeed_config: str = field("ds_configs/finetune_zero2_vitb.json", "the recipe: DeepSpeed JSON (+ its peco_scale block)")
-    eval_every: int = field(1, "epochs between evaluations (and one at the end)")
+FinetuneTrainConfig = with_defaults(EvalTrainConfig, "FinetuneTrainConfig", output_dir="runs/finetune",
+                                    deepspeed_config="ds_configs/finetune_zero2_vitb.json",
+                                    new={"eval_every": (int, 1, "epochs between evaluations (and one at the end)")})
 
 
-@dataclass
-class FinetuneConfig(StageConfig):
-    model: FinetuneModelConfig = section(FinetuneModelConfig, "classifier and its initialisation")
-    data: FinetuneDataConfig = section(FinetuneDataConfig, "data, augmentation, mixup/cutmix")
-    optim: FinetuneOptimConfig = section(FinetuneOptimConfig, "AdamW, layer decay schedule")
-    train: FinetuneTrainConfig = section(FinetuneTrainConfig, "run control")
-
+class FinetuneConfig(StageConfig, model=FinetuneModelConfig, data=FinetuneDataConfig,
+                     optim=FinetuneOptimConfig, train=FinetuneTrainConfig):
     ALIASES: ClassVar[dict[str, str]] = {"val": "data.val_path", "init": "model.init", "model": "model.name",
                                          "img_size": "model.img_size", "ema": "model.ema"}
 
 
 @dataclass(kw_only=True)
-class FinetuneResolved(Batching):
-    model_name: str
+class FinetuneResolved(TransferResolved):
     img_size: int
-    num_classes: int
     classes: list[str]
-    drop_path: float
-    layer_decay: float
     eval_batch_size: int
 
 
@@ -112,20 +95,14 @@ def resolve_finetune(cfg: FinetuneConfig, world: int | None = None) -> FinetuneR
     """Every cheap check, one line each, before any launch cost (no weights are read)."""
     m, t, d = cfg.model, cfg.train, cfg.data
     world = world or world_from_env()
-    name, _, img_size = model_size(m.name, m.img_size, ", so the position embeddings cannot be resized to it")
-    if m.init and not Path(m.init).exists():
-        raise ConfigError(f"model.init='{m.init}' does not exist; pass a stage-2 run folder, an exported "
-                          f"backbone.safetensors or a timm checkpoint file (or '' for random init)")
+    name, _, img_size, drop_path, layer_decay = transfer_backbone(
+        m, m.img_size, ", so the position embeddings cannot be resized to it", default_layer_decay, default_drop_path)
     accum = check_common(cfg, world)
     classes = _check_classes(d)
     num_classes = m.num_classes or len(classes)
     if num_classes != len(classes):
         raise ConfigError(f"model.num_classes={m.num_classes} but '{d.path}' has {len(classes)} classes; set "
                           f"model.num_classes={len(classes)} (or 0)")
-    drop_path = default_drop_path(name) if m.drop_path < 0 else m.drop_path
-    layer_decay = default_layer_decay(name) if m.layer_decay < 0 else m.layer_decay
-    if not 0 < layer_decay <= 1:
-        raise ConfigError(f"model.layer_decay={m.layer_decay} must be in (0, 1] (1 = no decay)")
     if m.ema and not 0 <= m.ema_decay < 1:
         raise ConfigError(f"model.ema_decay={m.ema_decay} must be in [0, 1), e.g. 0.9999")
     if (d.mixup > 0 or d.cutmix > 0) and t.batch_size % 2:

@@ -27,10 +27,10 @@ from .trainer import Stage, use_bf16
 class PretrainStage(Stage):
     name = "pretrain"
     cfg: PretrainConfig
+    resolver = staticmethod(resolve_pretrain)
 
     def check(self, world: int) -> None:
-        self.r = resolve_pretrain(self.cfg, world)
-        self.grad_accum, self.global_batch = self.r.grad_accum, self.r.global_batch
+        super().check(world)
         self.token_id = tokenizer_identity(self.cfg.tokenizer.path)
 
     def build_loader(self):
@@ -99,13 +99,13 @@ class PretrainStage(Stage):
         return {"tokenizer": {"sha256": self.token_id, "path": str(self.cfg.tokenizer.path)},
                 "model": {"name": self.r.model_name, "img_size": self.r.img_size}}
 
+    @classmethod
+    def report(cls, summary: dict[str, Any]) -> None:
+        final = summary["final"]
+        print(f"metrics: {summary['metrics']} (last: loss {final.get('loss', float('nan')):.4f}, "
+              f"mlm_acc {final.get('mlm_acc', float('nan')):.3f})")
+        print(f"checkpoint: {summary['checkpoint']}")
+
 
 # -- what launch/pretrain.py runs (train/entry.py) -----------------------------------------------
 CONFIG, resolve, STAGE, USER_ERRORS = PretrainConfig, resolve_pretrain, PretrainStage, ()
-
-
-def report(summary: dict[str, Any]) -> None:
-    final = summary["final"]
-    print(f"metrics: {summary['metrics']} (last: loss {final.get('loss', float('nan')):.4f}, "
-          f"mlm_acc {final.get('mlm_acc', float('nan')):.3f})")
-    print(f"checkpoint: {summary['checkpoint']}")

@@ -6,14 +6,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..config import ConfigError, field, section
+from ..config import ConfigError, field, with_defaults
 from ..data.masking import BlockMaskGenerator, default_min_block, default_num_masked
-from ..models.vit import parse_model_name
-from .config import Batching, DataConfig, OptimConfig, StageConfig, TrainConfig, check_common, world_from_env
+from .config import (Batching, DataConfig, OptimConfig, StageConfig, TrainConfig, check_common, model_size,
+                     world_from_env)
 
 
 @dataclass
 class ModelConfig:
+    """ViT backbone."""
+
     name: str = field("vit_base_patch16", "backbone preset (vit_pico_patch16 ... vit_huge_patch14), optional _224/_448 suffix")
     img_size: int = field(0, "resolution (0 = the name's suffix, else 224); a multiple of the patch size")
     drop_path: float = field(0.1, "stochastic depth rate")
@@ -24,6 +26,8 @@ class ModelConfig:
 
 @dataclass
 class MaskConfig:
+    """Block-wise masking."""
+
     num_patches: int = field(0, "masked patches per image (0 = BEiT's 75 of 196, scaled to the grid)")
     min_block: int = field(0, "smallest block in patches (0 = BEiT's 16 at 14x14, scaled by area)")
     min_aspect: float = field(0.3, "block aspect ratio is log-uniform in [min_aspect, 1/min_aspect]")
@@ -31,35 +35,20 @@ class MaskConfig:
 
 @dataclass
 class TokenizerRef:
+    """The frozen stage-1 tokenizer."""
+
     path: str = field("", "tokenizer.safetensors written by launch/train_tokenizer.py")
 
 
-@dataclass
-class PretrainDataConfig(DataConfig):
-    tokenizer_img_size: int = field(0, "tokenizer view size (0 = patch grid x tokenizer downsample)")
+PretrainDataConfig = with_defaults(DataConfig, "PretrainDataConfig", new={
+    "tokenizer_img_size": (int, 0, "tokenizer view size (0 = patch grid x tokenizer downsample)")})
+PretrainOptimConfig = with_defaults(OptimConfig, "PretrainOptimConfig", grad_clip=3.0)
+PretrainTrainConfig = with_defaults(TrainConfig, "PretrainTrainConfig", output_dir="runs/pretrain", epochs=300,
+                                    deepspeed_config="ds_configs/zero2_vitb.json")
 
 
-@dataclass
-class PretrainOptimConfig(OptimConfig):
-    grad_clip: float = field(3.0, "gradient-norm clipping (0 = off)")
-
-
-@dataclass
-class PretrainTrainConfig(TrainConfig):
-    output_dir: str = field("runs/pretrain", "run folder: config, metrics.jsonl, checkpoints")
-    epochs: int = field(300, "epochs to train (ignored when max_steps > 0)")
-    deepspeed_config: str = field("ds_configs/zero2_vitb.json", "the recipe: DeepSpeed JSON (+ its peco_scale block)")
-
-
-@dataclass
-class PretrainConfig(StageConfig):
-    model: ModelConfig = section(ModelConfig, "ViT backbone")
-    mask: MaskConfig = section(MaskConfig, "block-wise masking")
-    tokenizer: TokenizerRef = section(TokenizerRef, "frozen stage-1 tokenizer")
-    data: PretrainDataConfig = section(PretrainDataConfig, "input data and augmentation")
-    optim: PretrainOptimConfig = section(PretrainOptimConfig, "AdamW and schedule")
-    train: PretrainTrainConfig = section(PretrainTrainConfig, "run control")
-
+class PretrainConfig(StageConfig, model=ModelConfig, mask=MaskConfig, tokenizer=TokenizerRef,
+                     data=PretrainDataConfig, optim=PretrainOptimConfig, train=PretrainTrainConfig):
     ALIASES: ClassVar[dict[str, str]] = {"tokenizer": "tokenizer.path", "model": "model.name",
                                          "img_size": "model.img_size"}
 
@@ -74,18 +63,6 @@ class Resolved(Batching):
     vocab: int
     num_masked: int
     min_block: int
-
-
-def model_size(name: str, img_size: int, what: str = "") -> tuple[str, Any, int]:
-    """(canonical name, preset, resolution) of a backbone; a resolution that is not a multiple of
-    the patch size is one line."""
-    name, preset, size = parse_model_name(name, img_size or None)
-    p = preset.patch_size
-    if size <= 0 or size % p:
-        lo = max(p, size // p * p)
-        raise ConfigError(f"model.img_size={size} is not divisible by the patch size {p} of {name}{what}; "
-                          f"use {lo} or {lo + p}")
-    return name, preset, size
 
 
 def _tokenizer_meta(path: str) -> dict[str, Any]:

@@ -127,13 +127,13 @@ class TokenizerStage(Stage):
         pdist.barrier()
         return {**summary, "artifact": str(artifact)}
 
+    @classmethod
+    def report(cls, summary: dict[str, Any]) -> None:
+        final = summary["final"]
+        print(f"tokenizer artifact: {summary['artifact']}")
+        print(f"metrics: {summary['metrics']} (last: loss {final.get('loss', float('nan')):.4f}, "
+              f"codebook usage {final.get('codebook_usage', float('nan')):.1%})")
+
 
 # -- what launch/train_tokenizer.py runs (train/entry.py) --------------------------------------
 CONFIG, resolve, STAGE, USER_ERRORS = TokenizerConfig, resolve_tokenizer, TokenizerStage, (PerceptualWeightsError,)
-
-
-def report(summary: dict[str, Any]) -> None:
-    final = summary["final"]
-    print(f"tokenizer artifact: {summary['artifact']}")
-    print(f"metrics: {summary['metrics']} (last: loss {final.get('loss', float('nan')):.4f}, "
-          f"codebook usage {final.get('codebook_usage', float('nan')):.1%})")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..config import ConfigError, field, section
+from ..config import ConfigError, field, with_defaults
 from ..models.quantizer import QuantizerConfig
 from ..models.tokenizer import TOKENIZER_PRESETS, TokenizerModelConfig
 from .config import (DataConfig, OptimConfig, StageConfig, TrainConfig, check_common, config_from_argv,
@@ -16,6 +16,8 @@ from .config import (DataConfig, OptimConfig, StageConfig, TrainConfig, check_co
 
 @dataclass
 class PerceptualConfig:
+    """Frozen perceptual network."""
+
     arch: str = field("vit_base_patch16", "frozen feature network: vit_base_patch16, resnet50, vgg16, vit_tiny_patch16, resnet_tiny")
     layers: list[int] = field([], "layers to compare (empty = the arch's default, e.g. ViT blocks 3,6,9,12)")
     weights: str = field("", "local checkpoint file (MoCo v3 or timm format), or 'random' (demo/tests only)")
@@ -23,12 +25,16 @@ class PerceptualConfig:
 
 @dataclass
 class LossConfig:
+    """Loss weights."""
+
     pixel: str = field("l2", "pixel loss: l2 (MSE) or l1")
     perceptual_weight: float = field(1.0, "lambda, the perceptual loss weight (paper: 1; 0 = plain VQ-VAE)")
 
 
 @dataclass
 class DiscConfig:
+    """Optional patch discriminator."""
+
     enabled: bool = field(False, "add the patch discriminator (hinge loss), paper Table 10")
     weight: float = field(0.4, "adversarial loss weight")
     start_step: int = field(10000, "step from which the adversarial terms are used")
@@ -37,46 +43,22 @@ class DiscConfig:
     lr: float = field(5e-5, "discriminator Adam learning rate")
 
 
-@dataclass
-class TokenizerDataConfig(DataConfig):
-    img_size: int = field(224, "training resolution; a multiple of the downsample factor")
-    workers: int = field(4, "DataLoader workers (folder, ffcv) or threads (dali) per rank")
-    jitter: float = field(0.0, "colour jitter strength (brightness, contrast, saturation; the paper uses none)")
+TokenizerDataConfig = with_defaults(
+    DataConfig, "TokenizerDataConfig", workers=4, jitter=0.0,
+    docs={"jitter": "colour jitter strength (brightness, contrast, saturation; the paper uses none)"},
+    new={"img_size": (int, 224, "training resolution; a multiple of the downsample factor")})
+TokenizerOptimConfig = with_defaults(
+    OptimConfig, "TokenizerOptimConfig", lr=5e-5, base_batch=0, betas=(0.5, 0.95), weight_decay=0.0,
+    schedule="constant", warmup_epochs=0.0, warmup_steps=5000, min_lr=5e-6,
+    docs={"lr": "Adam learning rate (paper: 5e-5 at batch 128), not scaled unless optim.base_batch > 0"})
+TokenizerTrainConfig = with_defaults(TrainConfig, "TokenizerTrainConfig", output_dir="runs/tokenizer", batch_size=64,
+                                     grad_accum=1, deepspeed_config="ds_configs/tokenizer_zero2.json",
+                                     docs={"zero_stage": "override the recipe's ZeRO stage (0-2; -1 = keep)"})
 
 
-@dataclass
-class TokenizerOptimConfig(OptimConfig):
-    lr: float = field(5e-5, "Adam learning rate (paper: 5e-5 at batch 128), not scaled unless optim.base_batch > 0")
-    base_batch: int = field(0, "global batch at which optim.lr is given (0 = lr is not scaled)")
-    betas: tuple[float, float] = field((0.5, 0.95), "Adam betas")
-    weight_decay: float = field(0.0, "Adam weight decay")
-    schedule: str = field("constant", "after warm-up: constant or cosine (down to optim.min_lr)")
-    warmup_epochs: float = field(0.0, "linear warm-up in epochs (when optim.warmup_steps is -1)")
-    warmup_steps: int = field(5000, "linear warm-up in steps (-1 = from warmup_epochs)")
-    min_lr: float = field(5e-6, "the cosine schedule ends here")
-
-
-@dataclass
-class TokenizerTrainConfig(TrainConfig):
-    output_dir: str = field("runs/tokenizer", "run folder: config, metrics.jsonl, checkpoints, artifact")
-    batch_size: int = field(64, "images per rank per micro-step (paper: 128 in total)")
-    grad_accum: int = field(1, "micro-steps per optimizer step (0 = from train.global_batch)")
-    deepspeed_config: str = field("ds_configs/tokenizer_zero2.json", "the recipe: DeepSpeed JSON (batch fields and a "
-                                                                    "peco_scale block are read into this config)")
-    zero_stage: int = field(-1, "override the recipe's ZeRO stage (0-2; -1 = keep)")
-
-
-@dataclass
-class TokenizerConfig(StageConfig):
-    model: TokenizerModelConfig = section(TokenizerModelConfig, "tokenizer architecture")
-    quantizer: QuantizerConfig = section(QuantizerConfig, "EMA vector quantizer")
-    perceptual: PerceptualConfig = section(PerceptualConfig, "frozen perceptual network")
-    loss: LossConfig = section(LossConfig, "loss weights")
-    disc: DiscConfig = section(DiscConfig, "optional patch discriminator")
-    data: TokenizerDataConfig = section(TokenizerDataConfig, "input data")
-    optim: TokenizerOptimConfig = section(TokenizerOptimConfig, "Adam and schedule")
-    train: TokenizerTrainConfig = section(TokenizerTrainConfig, "run control")
-
+class TokenizerConfig(StageConfig, model=TokenizerModelConfig, quantizer=QuantizerConfig,
+                      perceptual=PerceptualConfig, loss=LossConfig, disc=DiscConfig, data=TokenizerDataConfig,
+                      optim=TokenizerOptimConfig, train=TokenizerTrainConfig):
     ALIASES: ClassVar[dict[str, str]] = {"preset": "model.preset", "img_size": "data.img_size"}
     PRESET_KEY: ClassVar[str] = "model.preset"
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = TOKENIZER_PRESETS

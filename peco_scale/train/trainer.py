@@ -34,17 +34,21 @@ from ..data import AugmentSpec, make_loader
 from ..engine import ds
 from ..engine import dist as pdist
 from ..engine import preempt
-from ..engine.checkpoint import CheckpointManager, check_writable, find_resume, lock_run_folder
+from ..engine.checkpoint import CheckpointManager, check_writable, find_resume, lock_run_folder, verify_folder
+from ..engine.weights import checkpoint_folder, checkpoint_state
 from ..engine.common import Window, optimizer_steps, progress_row, stop_if_weights_nonfinite
 from ..engine.logger import MetricsLogger, log
 from ..engine.preempt import Interrupted
 from .config import scaled_lr, world_from_env
 
 
+STEP_DECAY_AT = (0.889, 0.963)  # ViTDet: iterations 163889 and 177546 of 184375
+
+
 @dataclass
 class Schedule:
     """Steps and learning rate of a run: linear warm-up to ``base_lr``, then constant, or cosine or
-    linear (poly, power 1) down to ``floor``."""
+    linear (poly, power 1) down to ``floor``, or step (x0.1 at each fraction of ``STEP_DECAY_AT``)."""
 
     steps_per_epoch: int
     total: int
@@ -61,6 +65,8 @@ class Schedule:
         progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
         if self.kind == "poly":  # mmsegmentation's PolyLR with power 1
             return self.floor + (self.base_lr - self.floor) * (1 - progress)
+        if self.kind == "step":  # ViTDet's: x0.1 at 88.9% and again at 96.3% of the steps
+            return self.base_lr * 0.1 ** sum(step >= f * self.total for f in STEP_DECAY_AT)
         return self.floor + (self.base_lr - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -83,6 +89,7 @@ class Stage:
     grad_accum = 1
     global_batch = 1
     flops_per_image: float | None = None  # a row's tflops_per_gpu, when known
+    resolver = None  # staticmethod(resolve_x): (cfg, world) -> Batching, kept as ``self.r`` by check()
 
     def __init__(self, cfg, ds_dict: dict[str, Any]) -> None:
         self.cfg, self.ds_dict = cfg, ds_dict
@@ -90,6 +97,9 @@ class Stage:
     # -- before the process group --------------------------------------------------------
     def check(self, world: int) -> None:
         """Resolve and check the config for ``world`` ranks (cheap; may run twice)."""
+        if self.resolver is not None:
+            self.r = self.resolver(self.cfg, world)
+            self.grad_accum, self.global_batch = self.r.grad_accum, self.r.global_batch
 
     def build_loader(self):
         raise NotImplementedError
@@ -120,9 +130,12 @@ class Stage:
         """This rank's training loader over ``data.path`` with ``data.backend`` (a missing or empty
         dataset is one line here, before any process group)."""
         d = self.cfg.data
-        return make_loader(d.backend, d.path, spec, batch_size=batch_size, rank=int(os.environ.get("RANK", "0")),
-                           world_size=world_from_env(), seed=self.cfg.train.seed, workers=d.workers,
-                           device=self.loader_device())
+        return make_loader(d.backend, d.path, spec, batch_size=batch_size, **self.loader_kwargs())
+
+    def loader_kwargs(self) -> dict[str, Any]:
+        """This rank's share of the training data: rank, world size, seed, workers and device."""
+        return {"rank": int(os.environ.get("RANK", "0")), "world_size": world_from_env(), "seed": self.cfg.train.seed,
+                "workers": self.cfg.data.workers, "device": self.loader_device()}
 
     @staticmethod
     def loader_device() -> str:
@@ -160,6 +173,12 @@ class Stage:
     def checkpoint_params(self) -> int:
         """Parameters a checkpoint holds (for the free-space check)."""
         return sum(p.numel() for e in self.engines.values() for p in e.module.parameters())
+
+    @classmethod
+    def report(cls, summary: dict[str, Any]) -> None:
+        """The summary on stdout (rank 0, at the end of a run)."""
+        print(f"metrics: {summary['metrics']}")
+        print(f"checkpoint: {summary['checkpoint']}")
 
     def describe(self) -> str:
         return ""
@@ -207,19 +226,42 @@ class EvalStage(Stage):
     restored on resume, and the checkpoint of a new best is named in ``checkpoints/best``."""
 
     best_metric = "score"
+    EVAL_TEXT = "{eval_score:.2f}"
 
     def __init__(self, cfg, ds_dict: dict[str, Any]) -> None:
         super().__init__(cfg, ds_dict)
         self.best: dict[str, Any] = {self.best_metric: -1.0, "step": 0}
         self.last_eval: dict[str, Any] = {}
 
-    def record_eval(self, row: dict[str, Any], value: float, step: int) -> bool:
-        """Note an evaluation row scoring ``value``; returns whether it is a new best."""
-        improved = value > self.best[self.best_metric]
+    def eval_due(self, step: int, stopping: bool) -> bool:
+        """Whether to evaluate after ``step``: every ``train.eval_every`` steps and at the last step,
+        not when stopping on a signal."""
+        return not stopping and (step % self.cfg.train.eval_every == 0 or step == self.schedule.total)
+
+    def eval_row(self, step: int) -> dict[str, Any]:
+        """Evaluate the held-out data now (collective): a metrics row with ``eval_<best_metric>``."""
+        raise NotImplementedError
+
+    def eval_extra(self, row: dict[str, Any]) -> str:
+        """More words for the evaluation's log line."""
+        return ""
+
+    def evaluate(self, step: int, stopping: bool) -> tuple[dict[str, Any] | None, bool]:
+        if not self.eval_due(step, stopping):
+            return None, False
+        row = self.eval_row(step)
+        return row, self.record_eval(row, step)
+
+    def record_eval(self, row: dict[str, Any], step: int) -> bool:
+        """Note (and log) an evaluation row; returns whether its ``eval_<best_metric>`` is a new best."""
+        metric = self.best_metric
+        improved = row[f"eval_{metric}"] > self.best[metric]
         if improved:
-            self.best = {self.best_metric: value, "step": step}
-        row[f"best_{self.best_metric}"] = self.best[self.best_metric]
+            self.best = {metric: row[f"eval_{metric}"], "step": step}
+        row[f"best_{metric}"] = self.best[metric]
         self.last_eval = row
+        log.info("eval at step %d: %s%s; best %s %.2f%% (step %d)", step, self.eval_text(row, self.r.num_classes),
+                 self.eval_extra(row), metric, self.best[metric], self.best["step"])
         return improved
 
     def load_state(self, saved: dict[str, Any], folder: Path) -> None:
@@ -232,6 +274,22 @@ class EvalStage(Stage):
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         return {**summary, "eval": self.last_eval, "best": self.best, "num_classes": self.r.num_classes}
 
+    @classmethod
+    def eval_text(cls, ev: dict[str, Any], num_classes: int) -> str:
+        """An evaluation row in words (the log line and the report's ``eval:`` line): the stage's
+        ``EVAL_TEXT`` formatted with the row and ``chance`` (100 / classes)."""
+        return cls.EVAL_TEXT.format(**ev, chance=100.0 / num_classes)
+
+    @classmethod
+    def report(cls, summary: dict[str, Any]) -> None:
+        """The summary on stdout (rank 0, at the end): metrics file, last evaluation and best, checkpoint."""
+        ev, best = summary["eval"], summary["best"]
+        print(f"metrics: {summary['metrics']}")
+        if ev:
+            print(f"eval: {cls.eval_text(ev, summary['num_classes'])} (best {cls.best_metric} {best[cls.best_metric]:.2f}% at step "
+                  f"{best['step']})")
+        print(f"checkpoint: {summary['checkpoint']}")
+
 
 class Trainer:
     def __init__(self, stage: Stage) -> None:
@@ -239,6 +297,17 @@ class Trainer:
         self.train = stage.cfg.train
 
     # -- set-up ----------------------------------------------------------------------------
+    def _eval_checkpoint(self, path: Path, world: int) -> Path:
+        """``train.eval_only``: a step folder, or a run folder's best checkpoint (else its newest)."""
+        best = path / "checkpoints" / "best"
+        folder = path / "checkpoints" / best.read_text().strip() if best.is_file() else checkpoint_folder(path)
+        problem = verify_folder(folder) if (folder / "COMPLETE").is_file() else "no COMPLETE marker"
+        if problem:
+            raise ConfigError(f"train.eval_only='{path}': checkpoint {folder} is not usable ({problem}); pass a "
+                              f"complete step_XXXXXXXX folder or a run folder")
+        self.stage.check_resume(folder, checkpoint_state(folder), world)
+        return folder
+
     def _discover_resume(self, ckpt: CheckpointManager, world: int) -> Path | None:
         t = self.train
         if not t.resume:
@@ -255,7 +324,9 @@ class Trainer:
         s.loader = s.build_loader()  # fails fast on a missing/empty dataset, before the process group starts
         s.run_dir = Path(t.output_dir)
         s.ckpt = self.ckpt = CheckpointManager(s.run_dir / "checkpoints", keep_last=t.keep_last)
-        self.resume_from = self._discover_resume(self.ckpt, env_world)
+        self.eval_only = getattr(t, "eval_only", "")
+        self.resume_from = (self._eval_checkpoint(Path(self.eval_only), env_world) if self.eval_only
+                            else self._discover_resume(self.ckpt, env_world))
         check_writable(s.run_dir)
         s.rank, s.world, s.device = pdist.init_distributed()
         self.lock = lock_run_folder(s.run_dir, s.device)  # a second run into this folder stops here
@@ -264,7 +335,8 @@ class Trainer:
         s.prepare()
         if s.rank == 0:
             s.run_dir.mkdir(parents=True, exist_ok=True)
-            (s.run_dir / "config.json").write_text(json.dumps(to_dict(s.cfg), indent=1))
+            if not self.eval_only:
+                (s.run_dir / "config.json").write_text(json.dumps(to_dict(s.cfg), indent=1))
         s.schedule = self.schedule = s.make_schedule(s.loader.batches_per_epoch)
         log.info("data: %s backend on %s; %d steps/epoch at global batch %d (%d accumulation x %d ranks), %d steps",
                  s.cfg.data.backend, s.cfg.data.path, self.schedule.steps_per_epoch, s.global_batch, s.grad_accum,
@@ -287,6 +359,8 @@ class Trainer:
             log.info("resumed from %s at step %d", self.resume_from, self.start_step)
         elif t.resume:
             log.info("resume=auto: no complete checkpoint in %s, starting fresh", self.ckpt.root)
+        if self.eval_only:
+            return  # no metrics.jsonl, no wandb: the run folder evaluated stays as it is
         wandb_cfg = None
         if t.wandb:
             wandb_cfg = {"project": t.wandb_project, "dir": str(s.run_dir), "config": to_dict(s.cfg),
@@ -315,10 +389,24 @@ class Trainer:
         self.lock = None
         try:
             self.setup()
-            return self._loop()
+            return self._evaluate_only() if self.eval_only else self._loop()
         finally:
             if self.lock is not None:
                 self.lock.release()
+
+    def _evaluate_only(self) -> dict[str, Any]:
+        """``train.eval_only``: score the loaded checkpoint once; the row goes to
+        ``<output_dir>/eval_<checkpoint>.json`` (nothing else in the folder changes)."""
+        s, folder = self.stage, self.resume_from
+        row = s.eval_row(self.start_step)
+        s.record_eval(row, self.start_step)
+        out = s.run_dir / f"eval_{folder.name}.json"
+        if s.rank == 0:
+            tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps({**row, "checkpoint": str(folder)}, indent=1))
+            os.replace(tmp, out)
+        pdist.barrier()
+        return s.finish({"final": {}, "steps": self.start_step, "metrics": str(out), "checkpoint": str(folder)})
 
     def _loop(self) -> dict[str, Any]:
         s, t, sched = self.stage, self.train, self.schedule

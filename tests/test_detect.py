@@ -1,6 +1,6 @@
 """Detection transfer for real: 2 ranks under the deepspeed launcher on the dense demo's COCO
-instances (ZeRO-2 and ZeRO-3), results gathered over ranks and scored by pycocotools, exact
-resume, bad input as one line."""
+instances (ZeRO-3), results gathered over ranks and scored by pycocotools, exact resume,
+--eval_only and export, bad input as one line."""
 
 import json
 
@@ -20,22 +20,33 @@ def det_args(data, out, **over):
 
 @pytest.fixture(scope="module")
 def two_rank_run(dense_data, tmp_path_factory):
+    """16 steps of the ViT-L recipe's ZeRO-3 code path with a pico backbone on 2 ranks, evaluated
+    at steps 8 and 16, checkpoints at 8 and 16."""
     out = tmp_path_factory.mktemp("det") / "run"
-    res = ok(run_launch("launch/detect.py", det_args(dense_data, out), ranks=2, port=29595))
+    res = ok(run_launch("launch/detect.py", det_args(dense_data, out, **ZERO3), ranks=2, port=29595))
     (out / "launch.log").write_text(res.stdout)
     return out
 
 
+ZERO3 = {"deepspeed_config": str(ROOT / "ds_configs/detect_zero3_vitl.json"), "max_steps": 16, "train.eval_every": 8,
+         "train.ckpt_every": 8, "lr": 2e-3, "model.drop_path": 0.0, "model.layer_decay": 1.0, "optim.warmup_steps": 4}
+
+
 @pytest.mark.slow
-def test_two_ranks_evaluate_and_resume_exactly(dense_data, two_rank_run, tmp_path):
+def test_two_ranks_learn_evaluate_and_resume_exactly(dense_data, two_rank_run, tmp_path):
+    """The loss falls (16 steps from random init are too few for box AP to leave 0 on these
+    scenes: the README's longer demo run compares pretrained and random backbones), the whole
+    validation split is scored at each evaluation, and a run resumed at step 8 gives back the rest."""
     out = two_rank_run
     stdout = (out / "launch.log").read_text()
-    assert "window 2, global blocks [3]" in stdout and "ZeRO 2" in stdout
+    assert "window 2, global blocks [3]" in stdout and "ZeRO 3" in stdout
     rows = read_metrics(out)
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_bbox_AP" in r]
-    assert [r["step"] for r in train] == [1, 2, 3, 4]
-    assert [r["step"] for r in evals] == [2, 4] and all(r["eval_images"] == 6 for r in evals)  # both ranks' shares
+    assert [r["step"] for r in train] == list(range(1, 17))
+    losses = [r["loss"] for r in train]
+    assert sum(losses[-2:]) / 2 < 0.8 * losses[0], losses  # measured 0.42 (torch 2.14.1)
+    assert [r["step"] for r in evals] == [8, 16] and all(r["eval_images"] == 6 for r in evals)  # both ranks' shares
     for r in evals:
         assert 0 <= r["eval_bbox_AP"] <= 100 and 0 <= r["eval_segm_AP50"] <= 100 and r["eval_bbox_APl"] is None
     best = (out / "checkpoints" / "best").read_text().strip()
@@ -44,29 +55,11 @@ def test_two_ranks_evaluate_and_resume_exactly(dense_data, two_rank_run, tmp_pat
     assert summary["best"]["bbox_AP"] == pytest.approx(evals[-1]["best_bbox_AP"])
     assert "eval: box AP" in stdout
 
-    part = rewound_copy(out, tmp_path / "part", 2)
-    res = ok(run_launch("launch/detect.py", det_args(dense_data, part, **{"train.resume": "auto"}), ranks=2,
-                         port=29596))
-    assert "resumed from" in res.stdout and "step_00000002" in res.stdout
+    part = rewound_copy(out, tmp_path / "part", 8)
+    res = ok(run_launch("launch/detect.py", det_args(dense_data, part, **ZERO3, **{"train.resume": "auto"}), ranks=2,
+                        port=29596))
+    assert "resumed from" in res.stdout and "step_00000008" in res.stdout
     rows_match(out, part, ("loss", "loss_classifier", "loss_mask", "loss_objectness", "eval_bbox_AP", "eval_segm_AP"))
-
-
-@pytest.mark.slow
-def test_zero3_recipe_learns_on_the_demo(dense_data, tmp_path):
-    """The ViT-L recipe's ZeRO-3 code path with a pico backbone: the training loss falls and the
-    evaluation scores the whole validation split (40 steps from random init are too few for box AP
-    to leave 0 here; the README's longer demo run compares pretrained and random backbones)."""
-    out = tmp_path / "run"
-    res = ok(run_launch("launch/detect.py", det_args(dense_data, out, **{
-        "deepspeed_config": str(ROOT / "ds_configs/detect_zero3_vitl.json"), "max_steps": 40,
-        "train.eval_every": 40, "train.log_every": 4, "train.ckpt_every": 1000, "lr": 2e-3,
-        "model.drop_path": 0.0, "model.layer_decay": 1.0, "optim.warmup_steps": 4}), ranks=2, port=29597))
-    assert "ZeRO 3" in res.stdout
-    rows = read_metrics(out)
-    losses = [r["loss"] for r in rows if "loss" in r]
-    assert sum(losses[-2:]) / 2 < 0.8 * losses[0], losses
-    final = [r for r in rows if "eval_bbox_AP" in r][-1]
-    assert final["step"] == 40 and final["eval_images"] == 6 and final["eval_detections"] > 0, final
 
 
 @pytest.mark.slow
@@ -83,8 +76,8 @@ def test_eval_only_and_export_reproduce_the_best_evaluation(dense_data, two_rank
     best_step = json.loads((two_rank_run / "summary.json").read_text())["best"]["step"]
     best = next(r for r in rows if "eval_bbox_AP" in r and r["step"] == best_step)
     before = folder_files(two_rank_run)
-    res = ok(run_launch("launch/detect.py", det_args(dense_data, tmp_path / "ev", eval_only=str(two_rank_run)),
-                         ranks=2, port=29598))
+    res = ok(run_launch("launch/detect.py", det_args(dense_data, tmp_path / "ev", **ZERO3, eval_only=str(two_rank_run)),
+                        ranks=2, port=29598))
     assert "eval: box AP" in res.stdout
     name = f"step_{best_step:08d}"
     again = json.loads((tmp_path / "ev" / f"eval_{name}.json").read_text())

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, read_metrics, tiny_args
 
-STEPS = 100
+STEPS = 40
 
 
 def _start(args: list[str]) -> subprocess.Popen:

@@ -11,7 +11,7 @@ DS_LAUNCH := DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} $(BIN)/deepspeed --num_gpus 
 # `opencv`; Debian names it opencv4, so a link in build/pkgconfig provides the expected name.
 PKGCONF := $(CURDIR)/build/pkgconfig
 
-.PHONY: install syslibs slurm demo test clean gpu-wheels
+.PHONY: install syslibs slurm demo dense-demo test clean gpu-wheels
 
 syslibs:
 	@if ! pkg-config --exists opencv4 2>/dev/null || ! pkg-config --exists libturbojpeg 2>/dev/null; then \
@@ -56,6 +56,18 @@ demo: install
 	$(BIN)/python -m peco_scale.tools.export $(DEMO)/finetune --best
 	$(BIN)/python -m peco_scale.tools.probe codeword --tokenizer $(DEMO)/tokenizer/tokenizer.safetensors --data $(DEMO)/data --val $(DEMO)/val --out $(DEMO)/codeword_probe.json
 	@echo "stage 3 done: fine-tune metrics $(DEMO)/finetune/metrics.jsonl, timm classifier $(DEMO)/finetune/classifier.safetensors"
+
+# Dense transfer on the dense demo scenes: the demo's stage-2 backbone (after `make demo`) against a
+# random initialisation, for segmentation (mIoU) and detection (box / mask AP), then the two tables.
+dense-demo: install
+	@test -d $(DEMO)/pretrain/checkpoints || { echo "error: no demo backbone in $(DEMO)/pretrain; run make demo first"; exit 2; }
+	$(BIN)/python -m peco_scale.data dense-demo --out runs/dense/data
+	$(DS_LAUNCH) launch/segment.py --config configs/demo_segment.yaml --output_dir runs/dense/segment/pretrained
+	$(DS_LAUNCH) launch/segment.py --config configs/demo_segment.yaml --init '' --output_dir runs/dense/segment/random
+	$(DS_LAUNCH) launch/detect.py --config configs/demo_detect.yaml --output_dir runs/dense/detect/pretrained
+	$(DS_LAUNCH) launch/detect.py --config configs/demo_detect.yaml --init '' --output_dir runs/dense/detect/random
+	$(BIN)/python -m peco_scale.tools.collect runs/dense/segment
+	$(BIN)/python -m peco_scale.tools.collect runs/dense/detect
 
 test: install slurm
 	$(BIN)/python -m pytest -q

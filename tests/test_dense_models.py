@@ -184,3 +184,13 @@ def test_poly_schedule_is_linear_after_warmup():
     s = Schedule(steps_per_epoch=10, total=110, warmup=10, base_lr=1.0, floor=0.0, kind="poly")
     assert s.lr(0) == pytest.approx(0.1) and s.lr(9) == pytest.approx(1.0)
     assert s.lr(10) == pytest.approx(1.0) and s.lr(60) == pytest.approx(0.5) and s.lr(110) == pytest.approx(0.0)
+
+
+def test_step_schedule_drops_tenfold_at_vitdet_milestones():
+    """ViTDet's schedule over 184375 iterations: x0.1 from iteration 163889 and again from 177546."""
+    from peco_scale.train.trainer import Schedule
+
+    s = Schedule(steps_per_epoch=1000, total=184375, warmup=250, base_lr=1e-4, kind="step")
+    assert s.lr(0) == pytest.approx(1e-4 / 250) and s.lr(250) == pytest.approx(1e-4)
+    assert s.lr(163888) == pytest.approx(1e-4) and s.lr(163890) == pytest.approx(1e-5)
+    assert s.lr(177545) == pytest.approx(1e-5) and s.lr(177547) == pytest.approx(1e-6)

@@ -62,7 +62,7 @@ class OptimConfig:
     eps: float = field(1e-8, "Adam(W) eps")
     weight_decay: float = field(0.05, "weight decay")
     schedule: str = field("cosine", "after warm-up: cosine or poly (linear, power 1; both down to optim.min_lr), "
-                                              "step (x0.1 at 88.9% and 96.3% of the steps) or constant")
+                                              "step (x0.1 at 8/9 and again at 26/27 of the steps) or constant")
     warmup_epochs: float = field(10.0, "linear warm-up in epochs")
     warmup_steps: int = field(-1, "linear warm-up in steps (-1 = from warmup_epochs)")
     min_lr: float = field(1e-5, "the cosine schedule ends here")

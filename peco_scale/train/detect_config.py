@@ -1,6 +1,6 @@
 """Config tree of a detection / instance-segmentation run (Mask R-CNN on a pre-trained ViT) and its
 checks. Defaults follow ViTDet on COCO (docs/dense.md): 1024 px large-scale jitter, AdamW at 1e-4
-for batch 64 with weight decay 0.1, 250 warm-up steps, x0.1 steps at 88.9% and 96.3% of 184375
+for batch 64 with weight decay 0.1, 250 warm-up steps, x0.1 steps at 8/9 and 26/27 of 184375
 iterations, layer decay 0.7 / 0.8 / 0.9 and drop path 0.1 / 0.4 / 0.5 for B / L / H, window
 attention (14) with 4 global blocks."""
 

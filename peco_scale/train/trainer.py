@@ -42,7 +42,7 @@ from ..engine.preempt import Interrupted
 from .config import scaled_lr, world_from_env
 
 
-STEP_DECAY_AT = (0.889, 0.963)  # ViTDet: iterations 163889 and 177546 of 184375
+STEP_DECAY_AT = (8 / 9, 26 / 27)  # ViTDet: iterations 163889 and 177546 of 184375
 
 
 @dataclass
@@ -65,7 +65,7 @@ class Schedule:
         progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
         if self.kind == "poly":  # mmsegmentation's PolyLR with power 1
             return self.floor + (self.base_lr - self.floor) * (1 - progress)
-        if self.kind == "step":  # ViTDet's: x0.1 at 88.9% and again at 96.3% of the steps
+        if self.kind == "step":  # ViTDet's: x0.1 at 8/9 and again at 26/27 of the steps
             return self.base_lr * 0.1 ** sum(step >= f * self.total for f in STEP_DECAY_AT)
         return self.floor + (self.base_lr - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
 

@@ -95,8 +95,8 @@ class TrainConfig:
 
 @dataclass
 class TransferModelConfig:
-    """A pre-trained backbone inside a task model (the stage's recipe values by backbone size
-    follow this line)."""
+    """A pre-trained backbone inside a task model; each transfer stage's section names its recipe
+    values by backbone size in its own docstring."""
 
     name: str = field("vit_base_patch16", "backbone preset (vit_pico_patch16 ... vit_huge_patch14), optional "
                                           "_224/_448 suffix")

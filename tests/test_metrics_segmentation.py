@@ -76,3 +76,14 @@ def test_random_label_maps_match_numpy(seed):
 def test_label_above_the_class_count_is_one_line():
     with pytest.raises(ValueError, match=r"label id 9 is outside 0\.\.3 .*set the class count"):
         confusion_matrix(torch.zeros(2, 2, dtype=torch.long), torch.tensor([[0, 9], [1, 255]]), 4)
+
+
+def test_per_class_iou_reaches_wandb_as_one_key_per_class():
+    from peco_scale.engine.logger import wandb_scalars
+
+    s = segmentation_scores(torch.tensor([[2, 1, 0], [0, 3, 0], [1, 0, 4]]), ["sky", "road", "car"])
+    row = {"step": 7, "eval_mIoU": 100 * s["mIoU"], "eval_IoU": {k: 100 * v for k, v in s["IoU"].items()},
+           "eval_split": "validation"}
+    # IoU = diagonal / (row + column - diagonal): sky 2 / (3 + 3 - 2), road 3 / (3 + 4 - 3), car 4 / (5 + 4 - 4)
+    assert wandb_scalars(row) == pytest.approx({"step": 7, "eval_mIoU": row["eval_mIoU"], "eval_IoU/sky": 50.0,
+                                                "eval_IoU/road": 75.0, "eval_IoU/car": 80.0})

@@ -34,6 +34,16 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def wandb_scalars(row: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a metrics row as wandb keys: top-level numbers as they are, a dict of numbers
+    (e.g. ``eval_IoU``, the per-class IoU) as one key per entry, ``eval_IoU/<class>``."""
+    out = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+    for k, v in row.items():
+        if isinstance(v, dict):
+            out.update({f"{k}/{sub}": x for sub, x in v.items() if isinstance(x, (int, float))})
+    return out
+
+
 class MetricsLogger:
     """Appends one JSON object per logged step to ``run_dir/metrics.jsonl`` and shows a
     progress bar (rank 0 only; other ranks' calls are no-ops)."""
@@ -72,7 +82,7 @@ class MetricsLogger:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=int(row.get("step", 0)))
+            self._wandb.log(wandb_scalars(row), step=int(row.get("step", 0)))
         if self._bar is not None:
             shown = {k: row[k] for k in ("loss", "mlm_acc", "rec_loss", "percep_loss", "codebook_usage") if k in row}
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if isinstance(v, (int, float))})

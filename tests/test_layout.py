@@ -111,3 +111,33 @@ def test_entry_points_are_thin_and_functions_short():
                    for p in PKG.rglob("*.py") for n in ast.walk(ast.parse(p.read_text()))
                    if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))))
     assert longest[0] < 80, longest
+
+
+def test_the_kernels_folder_does_not_shadow_hugging_faces_kernels_package():
+    """With the repository root on sys.path (``python -m`` from it; DeepSpeed's launcher puts the
+    working directory on PYTHONPATH) the folder kernels/ must not take the name ``kernels`` from
+    the installed package that transformers imports (UperNet), and peco_kernels still imports."""
+    import os
+    import subprocess
+    import sys
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    probe = ("import kernels, peco_kernels\n"
+             "from transformers.models.upernet.modeling_upernet import UperNetHead\n"
+             "print(kernels.__file__)\n"
+             "print(peco_kernels.vq_nearest.__module__)\n")
+    try:
+        hf = bool(distribution("kernels"))
+    except PackageNotFoundError:
+        hf = False
+    if not hf:  # without the package the name is simply missing, as it would be without this folder
+        probe = "import peco_kernels\ntry:\n    import kernels\nexcept ModuleNotFoundError:\n    print('none')\n"
+    res = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.split()
+    if hf:
+        assert not Path(lines[0]).resolve().is_relative_to(ROOT / "kernels"), lines
+        assert lines[1].startswith("peco_kernels"), lines
+    else:
+        assert lines == ["none"], lines

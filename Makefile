@@ -48,9 +48,11 @@ demo: install
 	$(BIN)/python -m peco_scale.data demo --out $(DEMO)/data
 	$(DS_LAUNCH) launch/train_tokenizer.py --config configs/demo_tokenizer.yaml
 	@echo "stage 1 done: tokenizer $(DEMO)/tokenizer/tokenizer.safetensors, metrics $(DEMO)/tokenizer/metrics.jsonl"
+	@echo "stage 1 picture (input | reconstruction): $$(ls $(DEMO)/tokenizer/images/*.png | tail -1)"
 	$(DS_LAUNCH) launch/pretrain.py --deepspeed_config ds_configs/zero3_vith.json --config configs/demo_pretrain.yaml
 	$(BIN)/python -m peco_scale.tools.export $(DEMO)/pretrain
 	@echo "stage 2 done: metrics $(DEMO)/pretrain/metrics.jsonl, timm backbone $(DEMO)/pretrain/backbone.safetensors"
+	@echo "stage 2 picture (input | masked | prediction | tokenizer reconstruction): $$(ls $(DEMO)/pretrain/images/*.png | tail -1)"
 	$(BIN)/python -m peco_scale.data demo --out $(DEMO)/val --seed 1 --images_per_class 30
 	$(DS_LAUNCH) launch/finetune.py --deepspeed_config ds_configs/finetune_zero2_vitb.json --config configs/demo_finetune.yaml
 	$(BIN)/python -m peco_scale.tools.export $(DEMO)/finetune --best

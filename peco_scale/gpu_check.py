@@ -14,7 +14,8 @@ Sections, in order (``--only`` picks some, e.g. to rerun one that failed):
 3. ``kernel_bench``: ``python -m peco_kernels.bench`` at the real shapes, ending with the goal table.
 4. ``step``: ``python -m peco_scale.tools.bench_step`` at ViT-L/16-448 and ViT-H/14-448, bf16,
    kernels triton vs torch, activation checkpointing off and on, the largest micro-batch that fits;
-   MFU against the peak measured in ``env``.
+   MFU against the peak measured in ``env``; then the three pre-training targets (peco, mae,
+   perceptual_mae) at ViT-L/16-448, batch 32, and their step-time ratios.
 5. ``main``: ``deepspeed --num_gpus 1 launch/pretrain.py --deepspeed_config
    ds_configs/zero3_vith.json`` on a generated 448-px image folder with a random-weight tokenizer
    of the default preset, then the same with ZeRO-2 at the same batch; their metrics rows.
@@ -47,6 +48,7 @@ SECTIONS = ("env", "kernel_tests", "kernel_bench", "step", "main")
 # nominal caps in seconds (full run), scaled to --budget_s
 CAPS = {"env": 30, "kernel_tests": 70, "kernel_bench": 120, "step": 120, "main": 120}
 STEP_MODELS = (("vit_large_patch16", 448, 128), ("vit_huge_patch14", 448, 64))  # model, size, batch cap
+STEP_TARGETS = ("vit_large_patch16", 448, 32, "vit_base_patch16")  # model, size, batch, perceptual network
 MAIN_STEPS = 20
 
 
@@ -156,17 +158,20 @@ def section_step(c: Check) -> None:
     started = time.monotonic()
     peak = c.summary.get("env", {}).get("matmul_peak_tflops")
     models = [("vit_pico_patch16", 64, 2)] if c.dry_run else STEP_MODELS
+    common = ["--results", str(c.out / "step.jsonl")] + (["--peak_tflops", str(peak)] if peak else [])
+    common += ["--steps", "1", "--warmup", "0", "--tokenizer_preset", "tiny"] if c.dry_run else ["--steps", "4",
+                                                                                                 "--warmup", "2"]
+    jobs = [[c.python, "-m", "peco_scale.tools.bench_step", "--model", model, "--img_size", str(size), "--batch_size",
+             "0", "--max_batch", str(cap_batch), "--kernels", "triton,torch", "--checkpointing", "off,on", *common]
+            for model, size, cap_batch in models]
+    # the three pre-training targets at one backbone and batch: their step-time ratios
+    model, size, batch, arch = ("vit_pico_patch16", 64, 2, "vit_tiny_patch16") if c.dry_run else STEP_TARGETS
+    jobs.append([c.python, "-m", "peco_scale.tools.bench_step", "--model", model, "--img_size", str(size),
+                 "--batch_size", str(batch), "--task", "peco,mae,perceptual_mae", "--kernels", "triton",
+                 "--perceptual_arch", arch, *common])
     runs = []
-    for i, (model, size, cap_batch) in enumerate(models):
-        cmd = [c.python, "-m", "peco_scale.tools.bench_step", "--model", model, "--img_size", str(size),
-               "--batch_size", "0", "--max_batch", str(cap_batch), "--kernels", "triton,torch",
-               "--checkpointing", "off,on", "--results", str(c.out / "step.jsonl")]
-        cmd += ["--steps", "1", "--warmup", "0", "--tokenizer_preset", "tiny"] if c.dry_run else ["--steps", "4",
-                                                                                                  "--warmup", "2"]
-        if peak:
-            cmd += ["--peak_tflops", str(peak)]
-        # the models share the section's time: each gets its part of what is left
-        runs.append(c.run("step", cmd, cap=c.left("step") / (len(models) - i)))
+    for i, cmd in enumerate(jobs):  # the runs share the section's time: each gets its part of what is left
+        runs.append(c.run("step", cmd, cap=c.left("step") / (len(jobs) - i)))
     c.record("step", started, runs)
 
 

@@ -74,6 +74,16 @@ def demo_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def val_data(tmp_path_factory) -> Path:
+    """Held-out demo images: the same ten classes drawn with another seed (20 per class)."""
+    from peco_scale.data import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("val")
+    make_demo_dataset(root, images_per_class=20, seed=1, max_size=128)
+    return root
+
+
+@pytest.fixture(scope="session")
 def dense_data(tmp_path_factory) -> Path:
     """The dense demo (segmentation maps and COCO instances): 32 training and 6 validation scenes
     of 64-96 px."""
@@ -206,3 +216,14 @@ def pretrain_args(data: Path, tokenizer: Path, out: Path, **over) -> list[str]:
         "batch_size": 8, "global_batch": 16, "max_steps": 6, "train.log_every": 1, "train.ckpt_every": 3,
         "workers": 0, "lr": 2e-3, "optim.base_batch": 16, "optim.warmup_steps": 2,
     }, over)
+
+
+def picture_cli(run, data, png):
+    """``python -m peco_scale.visualize RUN --data DATA --out PNG --num 3`` -> the grid as a PIL image."""
+    res = subprocess.run([sys.executable, "-m", "peco_scale.visualize", str(run), "--data", str(data), "--out",
+                          str(png), "--num", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and f"wrote {png}" in res.stdout, res.stderr[-2000:]
+    assert res.stdout.count("PSNR") == 3  # one caption per row
+    from PIL import Image
+
+    return Image.open(png)

@@ -42,6 +42,16 @@ def test_folder_batches_follow_the_contract(demo_data, task):
             assert img.min() < -1.0 or img.max() > 1.0
 
 
+def test_folder_mae_batches_have_one_view_and_exact_random_masks(demo_data):
+    spec = AugmentSpec(64, "pretrain", tokenizer_size=0, mask=dict(kind="random", grid=(4, 4), num_masked=12))
+    loader = make_loader("folder", demo_data, spec, batch_size=8, seed=0)
+    loader.set_epoch(0)
+    b = next(iter(loader))
+    assert "tokenizer" not in b and b["patch"].shape == (8, 3, 64, 64)
+    assert b["mask"].dtype == torch.bool and b["mask"].flatten(1).sum(1).eq(12).all()
+    assert len({m.numpy().tobytes() for m in b["mask"]}) > 1
+
+
 def test_folder_sharding_and_mid_epoch_resume(demo_data):
     ranks = [make_loader("folder", demo_data, SPEC2, batch_size=8, rank=r, world_size=2, seed=3) for r in range(2)]
     assert ranks[0].batches_per_epoch == ranks[1].batches_per_epoch == 300 // 16

@@ -174,7 +174,7 @@ def test_bad_input_errors(tmp_path, demo_data, monkeypatch):
     with pytest.raises(DataError, match="does not exist"):
         make(tmp_path / "missing", "tokenizer")
     with pytest.raises(DataError, match="tokenizer_size"):
-        make(demo_data, "pretrain", tokenizer_size=0)
+        make(demo_data, "pretrain", tokenizer_size=-1)
     with pytest.raises(DataError, match="grid"):
         make(demo_data, "pretrain", mask={})
     with pytest.raises(DataError, match="smaller than one global batch"):
@@ -202,3 +202,13 @@ def test_files_are_checked_once_per_process(demo_data, monkeypatch):
         loader.set_epoch(epoch)
         assert sum(len(x["index"]) for x in loader) == 300
     assert len(calls) == 300
+
+
+def test_mae_batches_have_one_view_and_seeded_random_masks(demo_data):
+    """tokenizer_size 0 (the MAE tasks): no tokenizer view; random masks of exactly num_masked,
+    a function of the seed."""
+    spec = dict(tokenizer_size=0, mask={"kind": "random", "grid": 4, "num_masked": 12})
+    b, again = first(make(demo_data, **spec)), first(make(demo_data, **spec))
+    assert "tokenizer" not in b and b["patch"].shape == (8, 3, 64, 64)
+    assert b["mask"].dtype == torch.bool and b["mask"].flatten(1).sum(1).eq(12).all()
+    assert torch.equal(b["mask"], again["mask"]) and len({m.numpy().tobytes() for m in b["mask"]}) > 1

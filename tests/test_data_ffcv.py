@@ -292,3 +292,12 @@ def test_partial_conversion_with_other_settings_starts_over(demo_data, tmp_path)
     assert s["reused_chunks"] == 0 and s["written"] == 300 and not parts.exists()
     loader = FFCVLoader(out, _spec("tokenizer", size=16), batch_size=50, seed=0, workers=1)
     assert sum(b["image"].shape[0] for b in loader) == 300
+
+
+def test_mae_batches_have_one_view_and_exact_random_masks(beton):
+    """tokenizer_size 0 (the MAE tasks): no tokenizer view; random masks of exactly num_masked."""
+    spec = _spec("pretrain", tokenizer_size=0, mask={"kind": "random", "grid": 4, "num_masked": 12})
+    b = _first(FFCVLoader(beton, spec, batch_size=16, seed=0, workers=2))
+    assert "tokenizer" not in b and b["patch"].shape == (16, 3, 32, 32)
+    assert b["mask"].dtype == torch.bool and b["mask"].flatten(1).sum(1).eq(12).all()
+    assert len({m.numpy().tobytes() for m in b["mask"]}) > 1

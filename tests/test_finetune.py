@@ -22,14 +22,6 @@ from peco_scale.tools.export import consolidate, create_timm_model, export_check
 
 
 @pytest.fixture(scope="module")
-def val_data(tmp_path_factory):
-    """Held-out demo images: the same ten classes drawn with another seed (20 per class)."""
-    root = tmp_path_factory.mktemp("val")
-    make_demo_dataset(root, images_per_class=20, seed=1, max_size=128)
-    return root
-
-
-@pytest.fixture(scope="module")
 def pretrained(pretrain_run):
     """The session's tiny stage-2 run (conftest.pretrain_run), read only: the fine-tunes' --init."""
     return pretrain_run

@@ -56,8 +56,11 @@ def test_dry_run_goes_through_every_section(tmp_path):
                                                                            "torch_cdist_argmin"}
 
     steps = _rows(out / "step.jsonl")
-    assert {(r["kernels"], r["grad_checkpointing"]) for r in steps} == {
-        (k, c) for k in ("triton", "torch") for c in (False, True)}
+    assert [r["task"] for r in steps][-3:] == ["peco", "mae", "perceptual_mae"]  # the targets' run, one batch
+    assert len({r["batch_size"] for r in steps[-3:]}) == 1 and "perceptual_mae/peco" in (out / "gpu_check.log").read_text()
+    steps = steps[:-3]
+    assert {(r["task"], r["kernels"], r["grad_checkpointing"]) for r in steps} == {
+        ("peco", k, c) for k in ("triton", "torch") for c in (False, True)}
     for r in steps:
         assert r["images_per_s"] == pytest.approx(r["batch_size"] / r["step_s"])
         assert r["matmul_peak_tflops"] == peak  # MFU against section 1's peak

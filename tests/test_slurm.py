@@ -140,6 +140,52 @@ def test_array_task_without_a_value_is_one_line(slurm, tmp_path):
     assert "error: array task 3 has no lambda: LAMBDAS has 3 values (0 1 3); submit with --array=0-2" in out, out
 
 
+def test_targets_sweep_pretrains_probes_finetunes_and_collects(slurm, demo_data, val_data, tiny_tokenizer, tmp_path):
+    """Two targets (peco, mae) through the whole pipeline, one array task each, then one table
+    whose swept column is model.task; each row checked against the files it was merged from."""
+    sweep, targets = tmp_path / "sweep", ["peco", "mae"]
+    args = pretrain_args(demo_data, tiny_tokenizer, tmp_path / "ignored", max_steps=4, workers=0,
+                         **{"train.ckpt_every": 1000, "mae.decoder_dim": 32, "mae.decoder_depth": 2,
+                            "mae.decoder_heads": 4, "deepspeed_config": str(ROOT / "ds_configs/zero2_vitb.json")})
+    finetune = (f"--deepspeed_config {ROOT / 'ds_configs/finetune_zero2_vitb.json'} --model vit_pico_patch16 "
+                f"--img_size 64 --batch_size 8 --global_batch 8 --max_steps 4 --workers 0 --optim.warmup_steps 1")
+    job = slurm.sbatch(["--array=0-1", "--cpus-per-task=1", f"--chdir={ROOT}", f"--output={tmp_path}/task_%a.out",
+                        str(ROOT / "launch/slurm/sweep_targets.sbatch"), *args],
+                       env=_job_env(TARGETS=" ".join(targets), SWEEP_DIR=str(sweep), LABELLED=str(demo_data),
+                                    VAL=str(val_data), FINETUNE_ARGS=finetune, PROBE_ARGS="--epochs 2 --batch_size 64"),
+                       cwd=ROOT)
+    states = slurm.wait(job, 900)
+    outs = [_read(tmp_path / f"task_{i}.out") for i in range(2)]
+    for i, target in enumerate(targets):
+        assert states[f"{job}_{i}"]["JobState"] == "COMPLETED", outs[i][-4000:]
+        task = sweep / target
+        assert json.loads((task / "pretrain" / "config.json").read_text())["model"]["task"] == target
+        linear = json.loads((task / "linear.json").read_text())
+        ft = json.loads((task / "finetune" / "summary.json").read_text())
+        summary = json.loads((task / "summary.json").read_text())
+        assert summary["final"]["linear_top1"] == pytest.approx(100 * linear["top1"])
+        assert summary["final"]["finetune_top1"] == pytest.approx(ft["best"]["top1"])
+        assert summary["final"]["pretrain_loss"] == pytest.approx(read_metrics(task / "pretrain")[-1]["loss"], rel=1e-6)
+        assert [ln for ln in outs[i].splitlines() if ln.startswith(f"{target}: status done")], outs[i][-3000:]
+
+    from peco_scale.tools.collect import main as collect
+
+    assert collect([str(sweep)]) == 0
+    table = (sweep / "summary.md").read_text().splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in table[2:]]
+    assert [c for c in header if "." in c] == ["model.task"]  # the only config value the tasks differ in
+    assert sorted(r["model.task"] for r in rows) == sorted(targets)
+    assert all(r["linear_top1"] and r["finetune_top1"] and r["status"] == "done" for r in rows)
+
+    # without the labelled folders: one line, before any training
+    job = slurm.sbatch(["--array=0", f"--chdir={ROOT}", f"--output={tmp_path}/bad_%a.out",
+                        str(ROOT / "launch/slurm/sweep_targets.sbatch")], env=_job_env(SWEEP_DIR=str(tmp_path / "b")),
+                       cwd=ROOT)
+    assert slurm.wait(job, 120)[f"{job}_0"]["JobState"] == "FAILED"
+    assert "error: LABELLED='' is not a folder" in _read(tmp_path / "bad_0.out")
+
+
 def _wait_for_step(run: Path, job: int, slurm: Cluster, at_least: int, timeout: float = 300) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

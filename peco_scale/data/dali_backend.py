@@ -27,7 +27,7 @@ from PIL import Image
 
 from .colour import draw_flip_jitter, flip_jitter_normalize_views, to_rgb
 from .folder import resolve_image_root, scan_image_folder
-from .masking import BlockMaskGenerator
+from .masking import BlockMaskGenerator, RandomMaskGenerator, mask_generator
 from .mim import IMAGENET_MEAN, IMAGENET_STD
 from .sampling import ShardedSampler, sample_seeds, splitmix64
 from .spec import TASKS, AugmentSpec, DataError, ShardedPosition
@@ -143,16 +143,16 @@ class DALILoader(ShardedPosition):
                                                           else torch.cuda.current_device())
         self.root = resolve_image_root(root)
         self.samples, self.classes, self.n_ignored = scan_image_folder(root)  # DataError if empty
-        self.mask_gen: BlockMaskGenerator | None = None
+        self.mask_gen: BlockMaskGenerator | RandomMaskGenerator | None = None
         if spec.task == "pretrain":
-            if spec.tokenizer_size < 1:
-                raise DataError(f"stage 2 needs tokenizer_size >= 1 (got {spec.tokenizer_size}); set "
-                                "AugmentSpec.tokenizer_size to the tokenizer's input size")
+            if spec.tokenizer_size < 0:
+                raise DataError(f"stage 2 needs tokenizer_size >= 0 (got {spec.tokenizer_size}); set "
+                                "AugmentSpec.tokenizer_size to the tokenizer's input size (0 = no tokenizer view)")
             if "grid" not in spec.mask:
                 raise DataError(f"stage 2 needs the mask grid: AugmentSpec.mask={spec.mask!r} has no "
                                 "'grid'; pass e.g. mask={'grid': img_size // patch_size}")
             try:
-                self.mask_gen = BlockMaskGenerator(**spec.mask)
+                self.mask_gen = mask_generator(**spec.mask)
             except (TypeError, ValueError) as exc:
                 raise DataError(f"bad mask settings {spec.mask!r}: {exc}") from None
         # external-source outputs, in order (unused ones would only cost time and warn)
@@ -235,7 +235,7 @@ class DALILoader(ShardedPosition):
                              prefetch_queue_depth=self.prefetch)
         gpu = self.device_id is not None
         with pipe:
-            two_views = spec.task == "pretrain"
+            stage2 = spec.task == "pretrain"
             src = dict(zip(self._fields, fn.external_source(source=source, num_outputs=len(self._fields),
                                                             batch=True)))
             img = fn.decoders.image_slice(src["enc"], src["anchor"], src["shape"], device="mixed" if gpu else "cpu",
@@ -243,10 +243,10 @@ class DALILoader(ShardedPosition):
                                           normalized_shape=False, adjust_orientation=False)
             # one resize per distinct view size (views of equal size share it); uint8 HWC out, the
             # flip / jitter / normalisation follow in one fused pass per view (colour.py)
-            self._sizes_out = sorted({spec.img_size, spec.tokenizer_size} if two_views else {spec.img_size})
+            self._sizes_out = sorted({spec.img_size, spec.tokenizer_size} - {0} if stage2 else {spec.img_size})
             views = [fn.resize(img, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC, antialias=True)
                      for size in self._sizes_out]
-            extra = (src["mask"],) if two_views else ()
+            extra = (src["mask"],) if stage2 else ()
             pipe.set_outputs(*views, src["flip"], src["factors"], src["order"], src["label"], src["index"],
                              src["skipped"], *extra)
         return pipe
@@ -273,6 +273,8 @@ class DALILoader(ShardedPosition):
         spec = self.spec
         want = ({"patch": (spec.img_size, imagenet), "tokenizer": (spec.tokenizer_size, half)} if spec.task == "pretrain"
                 else {"image": (spec.img_size, half if spec.task == "tokenizer" else imagenet)})
+        if not spec.tokenizer_size:
+            want.pop("tokenizer", None)  # stage 2 without a tokenizer (the MAE tasks): one view
         batch: dict[str, Any] = {}
         for size in self._sizes_out:  # one jitter pass per resized view, normalised once per key
             keys = [key for key, (sz, _) in want.items() if sz == size]

@@ -37,7 +37,7 @@ from PIL import Image
 
 from .colour import draw_flip_jitter, flip_jitter_normalize, to_rgb
 from .folder import scan_image_folder
-from .masking import BlockMaskGenerator
+from .masking import BlockMaskGenerator, RandomMaskGenerator, mask_generator
 from .mim import IMAGENET_MEAN, IMAGENET_STD
 from .sampling import ShardedSampler, sample_seeds, splitmix64_np
 from .spec import TASKS, AugmentSpec, DataError, ShardedPosition
@@ -528,14 +528,14 @@ class FFCVLoader(ShardedPosition):
             raise DataError(f"task={spec.task!r} is not one of {TASKS}")
         self.spec = spec
         if spec.task == "pretrain":
-            if spec.tokenizer_size < 1:
-                raise DataError(f"pretrain needs tokenizer_size >= 1 (got {spec.tokenizer_size}); "
-                                "set it to the tokenizer's input side, e.g. img_size")
+            if spec.tokenizer_size < 0:
+                raise DataError(f"pretrain needs tokenizer_size >= 0 (got {spec.tokenizer_size}); "
+                                "set it to the tokenizer's input side, e.g. img_size (0 = no tokenizer view)")
             self.crop_size = max(spec.img_size, spec.tokenizer_size)
             mask_kw = dict(spec.mask)
             mask_kw.setdefault("grid", spec.img_size // 16)  # ViT/16 patch grid by default
             try:
-                self.mask_gen: BlockMaskGenerator | None = BlockMaskGenerator(**mask_kw)
+                self.mask_gen: BlockMaskGenerator | RandomMaskGenerator | None = mask_generator(**mask_kw)
             except (TypeError, ValueError) as exc:
                 raise DataError(f"bad mask settings {spec.mask}: {exc}") from None
         else:
@@ -647,7 +647,8 @@ class FFCVLoader(ShardedPosition):
             out["image"] = (resized(spec.img_size) - self._mean) / self._std
         else:
             out["patch"] = (resized(spec.img_size) - self._mean) / self._std
-            out["tokenizer"] = resized(spec.tokenizer_size) * 2.0 - 1.0
+            if spec.tokenizer_size:  # 0: stage 2 without a tokenizer (the MAE tasks)
+                out["tokenizer"] = resized(spec.tokenizer_size) * 2.0 - 1.0
             out["mask"] = torch.from_numpy(np.stack(masks).astype(bool)).to(dev)
         return out
 

@@ -25,7 +25,7 @@ from torchvision import transforms as T
 
 from ..signals import ignore_stop_signals
 from .colour import to_rgb
-from .masking import BlockMaskGenerator
+from .masking import mask_generator
 from .mim import IMAGENET_MEAN, IMAGENET_STD, MIMTransform
 from .sampling import SeededRng, ShardedSampler
 from .spec import TASKS, AugmentSpec, DataError, ShardedPosition
@@ -296,7 +296,7 @@ class FolderLoader(ShardedPosition):
 
 def _folder_transform(spec: AugmentSpec):
     if spec.task == "pretrain":
-        return MIMTransform(spec.img_size, spec.tokenizer_size, BlockMaskGenerator(**spec.mask), scale=spec.scale,
+        return MIMTransform(spec.img_size, spec.tokenizer_size, mask_generator(**spec.mask), scale=spec.scale,
                             ratio=spec.ratio, hflip=spec.hflip, jitter=spec.jitter)
     if spec.task == "tokenizer" and spec.jitter == 0 and spec.hflip == 0.5 and tuple(spec.ratio) == (3 / 4, 4 / 3):
         return tokenizer_transform(spec.img_size, scale=spec.scale)  # the stage-1 trainer's own transform

@@ -7,6 +7,10 @@ random patches are masked (or unmasked) to hit the count. All randomness comes f
 constructor arguments (BEiT's distribution, not its random stream). Defaults scale BEiT's
 224px / 14x14 setting by patch count.
 
+``RandomMaskGenerator`` is MAE's masking: ``num_masked`` patches chosen uniformly without
+replacement (MAE draws per-patch noise and keeps the lowest; the distribution is the same).
+``mask_generator(kind=..., **kw)`` builds either from an ``AugmentSpec.mask`` dict.
+
 Design notes: docs/design.md
 """
 
@@ -17,7 +21,7 @@ import operator
 
 import numpy as np
 
-__all__ = ["BlockMaskGenerator", "default_min_block", "default_num_masked"]
+__all__ = ["BlockMaskGenerator", "RandomMaskGenerator", "default_min_block", "default_num_masked", "mask_generator"]
 
 Block = tuple[int, int, int, int]  # (top, left, h, w)
 
@@ -221,3 +225,50 @@ class BlockMaskGenerator:
                 blocks.append((top, left, h, w))
                 return new
         return 0
+
+
+class RandomMaskGenerator:
+    """MAE's random masking: exactly ``num_masked`` of the ``H*W`` patches, uniformly without
+    replacement. ``num_masked`` in ``[1, H*W - 1]``; default ``round(0.75 * H*W)`` (MAE's ratio)."""
+
+    def __init__(self, grid: tuple[int, int] | int, num_masked: int | None = None) -> None:
+        self.height, self.width = _parse_grid(grid)
+        n = self.num_patches = self.height * self.width
+        if num_masked is None:
+            num_masked = max(1, min(n - 1, round(0.75 * n)))
+        fix = f"use a count in 1..{n - 1} for a {self.height}x{self.width} grid"
+        self.num_masked = _as_int("num_masked", num_masked, fix)
+        if not 1 <= self.num_masked <= n - 1:
+            raise ValueError(f"num_masked={self.num_masked} is out of range; {fix}")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    @property
+    def mask_ratio(self) -> float:
+        return self.num_masked / self.num_patches
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(grid=({self.height}, {self.width}), "
+                f"num_masked={self.num_masked} ({self.mask_ratio:.1%}))")
+
+    def __call__(self, rng: np.random.Generator) -> np.ndarray:
+        """One mask: bool ``[H, W]``, ``True`` = masked, exactly ``num_masked`` ``True``."""
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}; "
+                            "use np.random.default_rng(seed)")
+        flat = np.zeros(self.num_patches, dtype=bool)
+        flat[rng.permutation(self.num_patches)[: self.num_masked]] = True
+        return flat.reshape(self.height, self.width)
+
+
+MASK_KINDS = {"block": BlockMaskGenerator, "random": RandomMaskGenerator}
+
+
+def mask_generator(kind: str = "block", **kwargs: object) -> BlockMaskGenerator | RandomMaskGenerator:
+    """The generator of an ``AugmentSpec.mask`` dict: ``kind`` 'block' (BEiT/PeCo, the default)
+    or 'random' (MAE), the other keys its constructor's arguments."""
+    if kind not in MASK_KINDS:
+        raise ValueError(f"mask kind '{kind}' is unknown; use one of {', '.join(MASK_KINDS)}")
+    return MASK_KINDS[kind](**kwargs)  # type: ignore[arg-type]

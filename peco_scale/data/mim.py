@@ -52,10 +52,13 @@ class MIMTransform:
             crop = TF.hflip(crop)
         bicubic = T.InterpolationMode.BICUBIC
         patch = TF.to_tensor(TF.resize(crop, [self.img_size, self.img_size], bicubic, antialias=True))
-        tok = TF.to_tensor(TF.resize(crop, [self.tokenizer_size, self.tokenizer_size], bicubic, antialias=True))
+        out = {"patch": self.patch_norm(patch)}
+        if self.tokenizer_size:  # 0: no tokenizer view (the MAE tasks)
+            size = [self.tokenizer_size, self.tokenizer_size]
+            out["tokenizer"] = TF.to_tensor(TF.resize(crop, size, bicubic, antialias=True)) * 2.0 - 1.0
         rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
-        mask = torch.from_numpy(np.ascontiguousarray(self.mask_generator(rng), dtype=bool))
-        return {"patch": self.patch_norm(patch), "tokenizer": tok * 2.0 - 1.0, "mask": mask}
+        out["mask"] = torch.from_numpy(np.ascontiguousarray(self.mask_generator(rng), dtype=bool))
+        return out
 
 
 def denormalize_patch(x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ Every backend's loader yields, per task (tensors on the loader's device, channel
 
 - ``"tokenizer"``: {"image": float [B, 3, S, S] in [-1, 1], "label": int64 [B], "skipped": int}
 - ``"pretrain"``:  {"patch": float [B, 3, S, S] ImageNet-normalised, "tokenizer": float
-                   [B, 3, T, T] in [-1, 1], "mask": bool [B, h, w], "label": int64 [B], "skipped": int}
+                   [B, 3, T, T] in [-1, 1] (absent when ``tokenizer_size`` is 0: the MAE tasks),
+                   "mask": bool [B, h, w], "label": int64 [B], "skipped": int}
 - ``"finetune"``:  {"image": float [B, 3, S, S] ImageNet-normalised, "label": int64 [B], "skipped": int}
 
 "skipped" counts the unreadable images replaced in that batch. ``batches_per_epoch`` is the same
@@ -42,8 +43,8 @@ class AugmentSpec:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio (log-uniform)
     hflip: float = 0.5  # horizontal flip probability
     jitter: float = 0.4  # brightness, contrast, saturation factors uniform in [1-j, 1+j] (0 = off)
-    tokenizer_size: int = 0  # stage 2: side of the tokenizer view
-    mask: dict[str, Any] = field(default_factory=dict)  # stage 2: BlockMaskGenerator kwargs (grid, num_masked, ...)
+    tokenizer_size: int = 0  # stage 2: side of the tokenizer view (0 = none: the MAE tasks)
+    mask: dict[str, Any] = field(default_factory=dict)  # stage 2: masking.mask_generator kwargs (kind, grid, num_masked, ...)
 
 
 class BatchLoader(Protocol):

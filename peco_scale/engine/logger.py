@@ -87,6 +87,13 @@ class MetricsLogger:
             shown = {k: row[k] for k in ("loss", "mlm_acc", "rec_loss", "percep_loss", "codebook_usage") if k in row}
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if isinstance(v, (int, float))})
 
+    def log_image(self, key: str, path: str | Path, step: int) -> None:
+        """An image file to wandb under ``key`` (rank 0, when wandb is on); the file is the record."""
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({key: wandb.Image(str(path))}, step=int(step))
+
     def close(self, preempted: bool = False) -> None:
         """End the progress bar and the wandb run; ``preempted`` tells wandb the run will resume."""
         if self._bar is not None:

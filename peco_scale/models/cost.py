@@ -87,6 +87,27 @@ def mim_train_flops(preset: ViTPreset, img_size: int, *, vocab: int = 8192, num_
             "tokenizer": float(tokenizer_forward_flops), "total": hardware + float(tokenizer_forward_flops)}
 
 
+def mae_train_flops(preset: ViTPreset, img_size: int, *, num_masked: int, decoder_dim: int = 512,
+                    decoder_depth: int = 8, checkpointing: bool = False) -> dict[str, float]:
+    """FLOPs of one MAE training image, with :func:`mim_train_flops`'s conventions: the encoder
+    runs its blocks over the visible patches + class token only (the patch embedding covers all
+    patches); the decoder embeds those tokens, then runs ``decoder_depth`` blocks of width
+    ``decoder_dim`` (MLP 4x) over all patches + class token, and predicts ``patch**2 * 3`` values
+    per patch. ``model`` = 3 x forward; ``hardware`` adds one block forward of the encoder with
+    activation checkpointing."""
+    n, t = grid(preset, img_size)
+    visible = t - num_masked
+    patch, blocks = _forward_macs(preset, img_size, visible)
+    dd = decoder_dim
+    decoder = visible * preset.embed_dim * dd + decoder_depth * (t * (4 * dd * dd + 8 * dd * dd) + 2 * t * t * dd) \
+        + n * dd * preset.patch_size ** 2 * 3
+    encoder_fwd, decoder_fwd = 2.0 * (patch + blocks), 2.0 * decoder
+    model = 3.0 * (encoder_fwd + decoder_fwd)
+    hardware = model + (2.0 * blocks if checkpointing else 0.0)
+    return {"backbone_forward": encoder_fwd, "decoder_forward": decoder_fwd, "model": model, "hardware": hardware,
+            "total": hardware}
+
+
 def count_forward_flops(module: Callable[..., Any], *inputs: Any, **kwargs: Any) -> float:
     """FLOPs of ``module(*inputs, **kwargs)`` measured by ``torch.utils.flop_counter.FlopCounterMode``.
 

@@ -124,13 +124,31 @@ class MaskedViT(VisionTransformer):
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token"}
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, *, keep: torch.Tensor | None = None,
+                ) -> torch.Tensor:
         """x [B, 3, H, W], mask bool [B, N] or [B, h, w] (True = masked) -> patch tokens [B, N, D].
+
+        With ``keep`` (MAE: int64 [B, N_visible], the indices of the visible patches) the masked
+        patches are dropped instead of replaced (``mask`` is then ignored) and the result is
+        [B, 1 + N_visible, D], class token first.
 
         This is ``forward`` (not a side method) so that wrappers that hook module calls, such
         as ZeRO-3's parameter gathering, see the backbone's own parameters being used.
         """
+        if keep is not None:
+            return self.forward_visible(x, keep)
         return self.forward_masked(x, mask)
+
+    def forward_visible(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        x = self._pos_embed(self.patch_embed(x))  # position embeddings on every patch, then drop
+        p = self.num_prefix_tokens
+        visible = torch.gather(x[:, p:], 1, keep[..., None].expand(-1, -1, x.shape[-1]))
+        x = self.norm_pre(torch.cat([x[:, :p], visible], dim=1))
+        if self.grad_checkpointing and self.training:
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
 
     def forward_masked(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         x = self.patch_embed(x)  # [B, N, D]

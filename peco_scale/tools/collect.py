@@ -2,6 +2,7 @@
 
     python -m peco_scale.tools.collect runs/sweeps/lambda-1234          # table to stdout and <dir>/summary.md
     python -m peco_scale.tools.collect runs/sweeps/lambda-1234/lambda_1 --line   # one run, one line
+    python -m peco_scale.tools.collect runs/sweeps/targets-1234/mae --pipeline   # merge one pipeline task
 
 A training run is a folder with ``config.json``; a finished one also has ``summary.json``
 (written by every launch/ entry point). Its row holds the config values that differ between the
@@ -9,6 +10,12 @@ collected runs (e.g. ``loss.perceptual_weight`` in a lambda sweep), the step cou
 metrics; a run without ``summary.json`` is listed as unfinished with its last logged step, so a
 failed or still-running task is visible rather than missing. A benchmark task is a folder with
 ``results.jsonl`` (``python -m peco_kernels.bench --results``); its rows are listed as they are.
+
+``--pipeline FOLDER`` merges one task of a pipeline sweep (``launch/slurm/sweep_targets.sbatch``:
+``pretrain/`` run, ``linear.json`` probe result, ``finetune/`` run) into one run: it writes
+``FOLDER/config.json`` (the pre-training config) and ``FOLDER/summary.json`` (pre-training steps
+and loss, linear-probe top-1 and chance, fine-tune best and last top-1, all in %), so the sweep
+folder collects into one table whose config column is the swept ``model.task``.
 
 Exit status 0 on success; bad input prints one ``error:`` line to stderr and exits 2.
 """
@@ -114,6 +121,30 @@ def bench_rows(benches: list[Path]) -> list[dict[str, Any]]:
     return rows
 
 
+def merge_pipeline(folder: Path) -> dict[str, Any]:
+    """Write ``folder/config.json`` and ``folder/summary.json`` from its pretrain / linear.json /
+    finetune parts (see the module doc); returns the summary. ValueError (one line) when the
+    pre-training part is missing or unfinished."""
+    cfg, pre = _read_json(folder / "pretrain" / "config.json"), _read_json(folder / "pretrain" / "summary.json")
+    if cfg is None or pre is None:
+        raise ValueError(f"{folder / 'pretrain'} holds no finished pre-training run (config.json and summary.json); "
+                         f"run the pipeline's first step before merging")
+    final: dict[str, Any] = {"pretrain_loss": (pre.get("final") or {}).get("loss")}
+    linear = _read_json(folder / "linear.json")
+    if linear is not None:
+        final.update(linear_top1=100.0 * linear["top1"], chance=100.0 * linear["chance"])
+    ft = _read_json(folder / "finetune" / "summary.json")
+    if ft is not None:
+        final.update(finetune_top1=(ft.get("best") or {}).get("top1"),
+                     finetune_last_top1=(ft.get("eval") or {}).get("eval_top1"))
+    summary = {"run_dir": str(folder), "steps": pre.get("steps"), "final": final}
+    for name, content in (("config.json", cfg), ("summary.json", summary)):
+        tmp = folder / f".{name}.tmp"
+        tmp.write_text(json.dumps(content, indent=1))
+        tmp.replace(folder / name)
+    return summary
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return ""
@@ -142,12 +173,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("folder", help="an array job's folder (its tasks' run folders below it), or one run")
     ap.add_argument("--line", action="store_true", help="one line per run, nothing written")
     ap.add_argument("--out", default="", help="markdown table file (default <folder>/summary.md)")
+    ap.add_argument("--pipeline", action="store_true", help="merge one pipeline task folder (pretrain/, linear.json, "
+                                                            "finetune/) into one run, then print its line")
     args = ap.parse_args(argv)
     root = Path(args.folder)
     if not root.is_dir():
         print(f"error: {root} is not a folder; pass the array job's output folder (e.g. runs/sweeps/lambda-<id>)",
               file=sys.stderr)
         return 2
+    if args.pipeline:
+        try:
+            merge_pipeline(root)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(one_line(run_rows([root], root)[0]))
+        return 0
     runs, benches = find_runs(root)
     if not runs and not benches:
         print(f"error: no runs under {root}: no config.json, summary.json or results.jsonl found; did the "

@@ -10,7 +10,8 @@ Consolidates a DeepSpeed checkpoint (any ZeRO stage; ZeRO 1-3 through DeepSpeed'
 ``zero_to_fp32`` from the fp32 master weights) into one fp32 state dict in timm's layout. The
 backbone file loads with ``strict=True`` into ``timm.create_model(timm_name, pretrained=False,
 **timm_kwargs)`` (both printed and stored in the file's metadata). The MIM head and mask token
-go to a separate ``<out>.mim.safetensors``. Layer scale is folded into the projections by
+go to a separate ``<out>.mim.safetensors`` (an MAE run's decoder and mask token to
+``<out>.mae.safetensors``). Layer scale is folded into the projections by
 default, so the plain timm architecture computes the same features; ``--keep_layer_scale``
 keeps the gammas (then pass ``init_values`` to timm as printed).
 
@@ -143,14 +144,17 @@ def export_checkpoint(path: str | Path, out: str | Path | None = None, *, fold_l
     sd = export_timm_state_dict(backbone, fold_layer_scale=fold_layer_scale)
     if not fold_layer_scale and preset.layer_scale > 0:
         kwargs["init_values"] = preset.layer_scale
+    task = state["model"].get("task", "peco")
     out = Path(out) if out else folder.parent.parent / "backbone.safetensors"
-    head_out = out.with_name(out.name.replace(".safetensors", "") + ".mim.safetensors")
+    head_out = out.with_name(out.name.replace(".safetensors", "") + (".mim" if task == "peco" else f".{task}")
+                             + ".safetensors")
     meta = {"format": FORMAT, "timm_name": timm_name, "timm_kwargs": json.dumps(kwargs), "preset": name,
-            "step": str(state["step"]), "source": str(folder), "tokenizer_sha256": state.get("tokenizer", {}).get("sha256", "")}
+            "step": str(state["step"]), "source": str(folder), "task": task,
+            "tokenizer_sha256": state.get("tokenizer", {}).get("sha256", "")}
     for target, tensors in ((out, sd), (head_out, extra)):
         _save(target, tensors, meta)
-    return {"backbone": str(out), "mim": str(head_out), "timm_name": timm_name, "timm_kwargs": kwargs,
-            "step": state["step"]}
+    return {"backbone": str(out), "mim": str(head_out), "head": str(head_out), "timm_name": timm_name,
+            "timm_kwargs": kwargs, "step": state["step"], "task": task}
 
 
 def read_backbone(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
@@ -193,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     kw = ", ".join(f"{k}={v!r}" for k, v in res["timm_kwargs"].items())
     if res["mim"]:
-        print(f"backbone (step {res['step']}): {res['backbone']}\nMIM head + mask token: {res['mim']}")
+        what = "MIM head + mask token" if res["task"] == "peco" else f"{res['task']} decoder + mask token"
+        print(f"backbone (step {res['step']}): {res['backbone']}\n{what}: {res['head']}")
     else:
         print(f"classifier (step {res['step']}): {res['backbone']}")
     print(f"load: timm.create_model('{res['timm_name']}', pretrained=False, {kw}).load_state_dict("

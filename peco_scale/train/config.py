@@ -80,6 +80,9 @@ class TrainConfig:
     epochs: int = field(100, "epochs to train (ignored when max_steps > 0)")
     max_steps: int = field(0, "optimizer steps to train (0 = use epochs)")
     log_every: int = field(10, "steps between metrics.jsonl rows")
+    image_every: int = field(0, "steps between pictures of the predictions on a training batch in "
+                                "<output_dir>/images/step_XXXXXXXX.png and wandb, and one at the end "
+                                "(tokenizer and pretrain stages; 0 = none)")
     ckpt_every: int = field(1000, "steps between checkpoints (and one at the end)")
     keep_last: int = field(2, "complete checkpoints kept")
     resume: str = field("", "'auto' = newest complete checkpoint in output_dir, or a checkpoint folder")
@@ -113,6 +116,40 @@ class EvalTrainConfig(TrainConfig):
     eval_only: str = field("", "evaluate this checkpoint and exit, training nothing: a step_XXXXXXXX folder, or a run "
                                "folder (its best checkpoint, else its newest); the row goes to "
                                "<output_dir>/eval_<checkpoint>.json")
+
+
+@dataclass
+class PerceptualConfig:
+    """Frozen perceptual network."""
+
+    arch: str = field("vit_base_patch16", "frozen feature network: vit_base_patch16, resnet50, vgg16, vit_tiny_patch16, resnet_tiny")
+    layers: list[int] = field([], "layers to compare (empty = the arch's default, e.g. ViT blocks 3,6,9,12)")
+    weights: str = field("", "local checkpoint file (MoCo v3 or timm format), or 'random' (demo/tests only)")
+
+
+@dataclass
+class DiscConfig:
+    """Optional patch discriminator."""
+
+    enabled: bool = field(False, "add the patch discriminator (hinge loss), paper Table 10")
+    weight: float = field(0.4, "adversarial loss weight")
+    start_step: int = field(10000, "step from which the adversarial terms are used")
+    channels: int = field(64, "discriminator base channels")
+    n_layers: int = field(3, "discriminator depth")
+    lr: float = field(5e-5, "discriminator Adam learning rate")
+
+
+def check_perceptual(p: PerceptualConfig, weight: float) -> None:
+    """perceptual.weights names a local file (or 'random'), unless the loss is off (``weight`` 0)."""
+    if weight == 0:
+        return
+    if not p.weights:
+        raise ConfigError(f"perceptual.weights is empty; pass perceptual.weights=PATH to a local MoCo v3 / timm "
+                          f"checkpoint of {p.arch} (nothing is downloaded), or perceptual.weights=random for the demo")
+    if p.weights != "random" and not Path(p.weights).is_file():
+        raise ConfigError(f"perceptual weights file '{p.weights}' not found; pass perceptual.weights=PATH to a local "
+                          f"MoCo v3 / timm checkpoint of {p.arch}, or perceptual.weights=random (demo only)")
+
 
 
 class StageConfig:
@@ -234,6 +271,8 @@ def check_common(cfg: Any, world: int | None = None) -> int:
         raise ConfigError(f"optim.lr={o.lr} must be positive and optim.base_batch={o.base_batch} >= 0")
     if o.schedule not in SCHEDULES:
         raise ConfigError(f"optim.schedule='{o.schedule}' must be one of {', '.join(SCHEDULES)}")
+    if t.image_every < 0:
+        raise ConfigError(f"train.image_every={t.image_every} must be >= 0 (0 = no pictures)")
     if t.resume not in ("", "auto") and not Path(t.resume).is_dir():
         raise ConfigError(f"train.resume='{t.resume}' is neither 'auto' nor a checkpoint folder")
     return resolve_accum(t.batch_size, t.grad_accum, t.global_batch, world, t.deepspeed_config)

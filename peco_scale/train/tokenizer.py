@@ -24,6 +24,7 @@ from ..models.artifact import save_tokenizer
 from ..models.discriminator import PatchDiscriminator, hinge_d_loss
 from ..models.perceptual import PerceptualLoss, PerceptualWeightsError
 from ..models.tokenizer import VQTokenizer
+from ..pictures import GridRows, tokenizer_rows
 from .tokenizer_config import TokenizerConfig, resolve_tokenizer
 from .trainer import Stage
 
@@ -99,6 +100,10 @@ class TokenizerStage(Stage):
             disc_engine.step()
             stats["d_loss"] = d_loss.detach()
         return stats
+
+    def picture(self, batch: dict[str, Any]) -> GridRows:
+        """input | reconstruction (the decode of its own token ids) of the batch's first 8 images, with PSNR."""
+        return tokenizer_rows(self.engines["model"].module, batch["image"][:8])
 
     def finish_row(self, row: dict[str, Any], step_values: dict[str, float]) -> dict[str, Any]:
         row["codebook_usage"] = step_values["codebook_usage"]  # already a windowed statistic

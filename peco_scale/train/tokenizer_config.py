@@ -4,23 +4,13 @@ resolution order are in ``config.py``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 from ..config import ConfigError, field, with_defaults
 from ..models.quantizer import QuantizerConfig
 from ..models.tokenizer import TOKENIZER_PRESETS, TokenizerModelConfig
-from .config import (DataConfig, OptimConfig, StageConfig, TrainConfig, check_common, config_from_argv,
-                     resolve_layers)
-
-
-@dataclass
-class PerceptualConfig:
-    """Frozen perceptual network."""
-
-    arch: str = field("vit_base_patch16", "frozen feature network: vit_base_patch16, resnet50, vgg16, vit_tiny_patch16, resnet_tiny")
-    layers: list[int] = field([], "layers to compare (empty = the arch's default, e.g. ViT blocks 3,6,9,12)")
-    weights: str = field("", "local checkpoint file (MoCo v3 or timm format), or 'random' (demo/tests only)")
+from .config import (DataConfig, DiscConfig, OptimConfig, PerceptualConfig, StageConfig, TrainConfig,
+                     check_common, check_perceptual, config_from_argv, resolve_layers)
 
 
 @dataclass
@@ -29,18 +19,6 @@ class LossConfig:
 
     pixel: str = field("l2", "pixel loss: l2 (MSE) or l1")
     perceptual_weight: float = field(1.0, "lambda, the perceptual loss weight (paper: 1; 0 = plain VQ-VAE)")
-
-
-@dataclass
-class DiscConfig:
-    """Optional patch discriminator."""
-
-    enabled: bool = field(False, "add the patch discriminator (hinge loss), paper Table 10")
-    weight: float = field(0.4, "adversarial loss weight")
-    start_step: int = field(10000, "step from which the adversarial terms are used")
-    channels: int = field(64, "discriminator base channels")
-    n_layers: int = field(3, "discriminator depth")
-    lr: float = field(5e-5, "discriminator Adam learning rate")
 
 
 TokenizerDataConfig = with_defaults(
@@ -52,7 +30,7 @@ TokenizerOptimConfig = with_defaults(
     schedule="constant", warmup_epochs=0.0, warmup_steps=5000, min_lr=5e-6,
     docs={"lr": "Adam learning rate (paper: 5e-5 at batch 128), not scaled unless optim.base_batch > 0"})
 TokenizerTrainConfig = with_defaults(TrainConfig, "TokenizerTrainConfig", output_dir="runs/tokenizer", batch_size=64,
-                                     grad_accum=1, deepspeed_config="ds_configs/tokenizer_zero2.json",
+                                     grad_accum=1, deepspeed_config="ds_configs/tokenizer_zero2.json", image_every=1000,
                                      docs={"zero_stage": "override the recipe's ZeRO stage (0-2; -1 = keep)"})
 
 
@@ -92,19 +70,8 @@ def resolve_tokenizer(cfg: TokenizerConfig, world: int | None = None) -> int:
     if cfg.loss.pixel not in ("l1", "l2"):
         raise ConfigError(f"loss.pixel='{cfg.loss.pixel}' must be l1 or l2")
     accum = check_common(cfg, world)
-    _check_perceptual(cfg.perceptual, cfg.loss.perceptual_weight)
+    check_perceptual(cfg.perceptual, cfg.loss.perceptual_weight)
     return accum
-
-
-def _check_perceptual(p: PerceptualConfig, weight: float) -> None:
-    if weight == 0:
-        return
-    if not p.weights:
-        raise ConfigError(f"perceptual.weights is empty; pass perceptual.weights=PATH to a local MoCo v3 / timm "
-                          f"checkpoint of {p.arch} (nothing is downloaded), or perceptual.weights=random for the demo")
-    if p.weights != "random" and not Path(p.weights).is_file():
-        raise ConfigError(f"perceptual weights file '{p.weights}' not found; pass perceptual.weights=PATH to a local "
-                          f"MoCo v3 / timm checkpoint of {p.arch}, or perceptual.weights=random (demo only)")
 
 
 def tokenizer_config(file_overrides: dict[str, Any] | None = None,

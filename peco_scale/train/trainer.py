@@ -11,7 +11,8 @@ order for every stage:
    DeepSpeed engines; the checkpoint folder's space checked;
 4. resume (engines, RNG, the stage's extra state); metrics.jsonl (and wandb) from there;
 5. the loop: lr, ``grad_accum`` micro-steps, the agreed stop/non-finite check, a metrics row every
-   ``train.log_every`` steps, the stage's evaluation, checkpoints by :meth:`Trainer.maybe_save`;
+   ``train.log_every`` steps, the stage's evaluation, a picture of its predictions every
+   ``train.image_every`` steps, checkpoints by :meth:`Trainer.maybe_save`;
 6. on a stop signal: a checkpoint, then :class:`~peco_scale.engine.preempt.Interrupted` (exit 75).
 
 Exact resume: the data position is a function of the step (``optimizer_steps``) and each rank's
@@ -39,6 +40,7 @@ from ..engine.weights import checkpoint_folder, checkpoint_state
 from ..engine.common import Window, optimizer_steps, progress_row, stop_if_weights_nonfinite
 from ..engine.logger import MetricsLogger, log
 from ..engine.preempt import Interrupted
+from ..pictures import GridRows, write_grid
 from .config import scaled_lr, world_from_env
 
 
@@ -199,6 +201,12 @@ class Stage:
     def evaluate(self, step: int, stopping: bool) -> tuple[dict[str, Any] | None, bool]:
         """(a metrics row, whether it is a new best) when the stage evaluates at ``step``."""
         return None, False
+
+    def picture(self, batch: dict[str, Any]) -> GridRows | None:
+        """Rows of what the model predicts on the first images of a training ``batch``
+        (``peco_scale.pictures``), every ``train.image_every`` steps; collective: every rank calls
+        it (ZeRO-3 gathers parameters in the forward), rank 0 writes. None: the stage pictures nothing."""
+        return None
 
     # -- state ------------------------------------------------------------------------------------
     def client_state(self) -> dict[str, Any]:
@@ -377,6 +385,13 @@ class Trainer:
         folder = self.ckpt.save(self.engines, step, state, rank_state=s.rank_state())
         s.after_save(folder, step)
 
+    def picture(self, batch: dict[str, Any], step: int) -> None:
+        """The stage's prediction grid on ``batch`` to ``<output_dir>/images/step_XXXXXXXX.png`` (and wandb)."""
+        rows = self.stage.picture(batch)
+        if rows is not None and self.stage.rank == 0:
+            path = write_grid(rows.image(), self.stage.run_dir / "images" / f"step_{step:08d}.png")
+            self.metrics.log_image("predictions", path, step)
+
     def maybe_save(self, step: int, last: bool, stopping: bool, improved: bool = False) -> None:
         """The cadence: every ``train.ckpt_every`` steps, at the last step, on a stop signal, and
         whenever the evaluation found a new best."""
@@ -441,6 +456,8 @@ class Trainer:
             evaluated, improved = s.evaluate(step, bool(stopping))
             if evaluated is not None:
                 self.metrics.log(evaluated)
+            if t.image_every > 0 and (step % t.image_every == 0 or step == total):
+                self.picture(batch, step)
             self.maybe_save(step, step == total, bool(stopping), improved)
             if stopping:
                 break

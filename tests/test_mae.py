@@ -181,6 +181,23 @@ def test_config_needs_no_tokenizer_and_checks_the_mae_section(demo_data, tmp_pat
                 "mae.decoder_dim=32", "decoder_heads=5")
 
 
+def test_a_recipe_block_picks_the_task(demo_data, tmp_path):
+    """``model.task`` in a recipe's peco_scale block, and a flag over it (flags win)."""
+    import json
+
+    recipe = json.loads((ROOT / "ds_configs/zero3_vith.json").read_text())
+    recipe["peco_scale"].update({"model.task": "mae", "mae.mask_ratio": 0.5})
+    path = tmp_path / "mae_recipe.json"
+    path.write_text(json.dumps(recipe))
+    args = _args(demo_data, tmp_path / "x", deepspeed_config=path)
+    args = args[:args.index("--task")] + args[args.index("--task") + 2:]  # the task from the recipe alone
+    r = resolve_argv(resolve_pretrain, PretrainConfig, args)
+    assert (r.task, r.num_masked, r.mask["kind"]) == ("mae", 8, "random")
+    r = resolve_argv(resolve_pretrain, PretrainConfig, args + ["--task", "perceptual_mae", "--perceptual.weights",
+                                                               "random"])
+    assert r.task == "perceptual_mae"
+
+
 # -- 2 ranks under ZeRO-3 ------------------------------------------------------------------------
 
 
@@ -196,6 +213,8 @@ def mae_run(demo_data, tmp_path_factory):
 def test_zero3_two_ranks_learns_resumes_and_exports_to_timm(mae_run, demo_data, tiny_tokenizer, tmp_path):
     out, res = mae_run
     assert "ZeRO 3" in res.stdout and "task mae: 12 masked at random" in res.stdout
+    n = sum(p.numel() for p in MAETask(MaskedViT(PICO, 64), decoder_dim=32, decoder_depth=2, decoder_heads=4).parameters())
+    assert f"{n / 1e6:.1f}M trainable params" in res.stdout  # the full count, though ZeRO-3 partitions them
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 31))
     assert "mlm_acc" not in rows[0]

@@ -198,7 +198,9 @@ RUN = {"max_steps": 30, "train.ckpt_every": 15, "disc.enabled": "true", "disc.mu
 def test_zero3_two_ranks_learns_resumes_and_exports_to_timm(pmae_run, demo_data, tmp_path):
     out, res = pmae_run
     assert "ZeRO 3" in res.stdout and "task perceptual_mae: 12 masked at random" in res.stdout
-    assert "multi-scale 1/2, 1/4, 1/8 patch discriminator" in res.stdout
+    assert "multi-scale (1/2, 1/4, 1/8) patch discriminator" in res.stdout
+    n = sum(p.numel() for p in _task(scales=(2, 4, 8), depth=4).parameters())  # ZeRO-3 partitions: count the full
+    assert f"{n / 1e6:.1f}M trainable params" in res.stdout
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 31))
     assert "d_loss" not in rows[9] and {"d_loss", "g_loss"} <= set(rows[10])  # the discriminator from step 10

@@ -212,6 +212,9 @@ def test_wandb_offline_run_id_is_kept_in_checkpoints(demo_data, tiny_tokenizer, 
     state = json.loads((out / "checkpoints" / "step_00000002" / "state.json").read_text())
     run_id = state["wandb_id"]
     assert run_id and list((out / "wandb").glob(f"offline-run-*-{run_id}"))
+    # the picture of the last step goes to wandb too (the run's default image_every: the last step)
+    assert (out / "images" / "step_00000002.png").is_file()
+    assert list((out / "wandb").glob(f"offline-run-*-{run_id}/files/media/images/predictions_2_*.png"))
 
 
 @pytest.mark.parametrize("world,accum", [(64, 1), (8, 8)])

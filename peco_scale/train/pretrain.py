@@ -115,7 +115,7 @@ class PretrainStage(Stage):
 
     def describe(self) -> str:
         r, o, zero = self.r, self.cfg.optim, self.ds_cfg["zero_optimization"]
-        n = sum(p.numel() for p in self.task.parameters())
+        n = sum(getattr(p, "ds_numel", p.numel()) for p in self.task.parameters())  # ZeRO-3: the full size
         if self.peco:
             target = (f"{r.num_masked} block-masked, head {r.vocab}-way; tokenizer {self.cfg.tokenizer.path} "
                       f"({r.tokenizer_img_size} px view)")
@@ -128,10 +128,10 @@ class PretrainStage(Stage):
             if self.pmae:
                 target += f" + {a.perceptual_weight:g} x perceptual ({self.criterion.perceptual.description})"
                 if d.enabled:
-                    n = sum(p.numel() for p in self.engines["disc"].module.parameters())
-                    target += (f" + {d.weight:g} x hinge GAN from step {d.start_step} ({'multi-scale 1/' if d.multiscale else ''}"
-                               f"{', 1/'.join(map(str, r.scales)) + ' ' if d.multiscale else ''}patch discriminator, "
-                               f"{n / 1e6:.2f}M params, lr {d.lr:g})")
+                    nd = sum(p.numel() for p in self.engines["disc"].module.parameters())
+                    kind = f"multi-scale (1/{', 1/'.join(map(str, r.scales))}) patch" if d.multiscale else "patch"
+                    target += (f" + {d.weight:g} x hinge GAN from step {d.start_step} ({kind} discriminator, "
+                               f"{nd / 1e6:.2f}M params, lr {d.lr:g})")
         text = (f"{r.model_name} at {r.img_size} px: {n / 1e6:.1f}M trainable params, grid {r.grid[0]}x{r.grid[1]}, "
                 f"{target}; ZeRO {zero.get('stage', 0)}, {'bf16' if self.bf16 else 'fp32'}, "
                 f"lr {self.schedule.base_lr:.3g} ({o.lr:.3g} at batch {o.base_batch})")

@@ -90,7 +90,27 @@ def _parse_grid(grid: tuple[int, int] | int) -> tuple[int, int]:
     return hw  # type: ignore[return-value]
 
 
-class BlockMaskGenerator:
+class _PatchMask:
+    """What both generators share: the grid, the count and the ratio (set by the subclass)."""
+
+    height: int
+    width: int
+    num_patches: int
+    num_masked: int
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    @property
+    def mask_ratio(self) -> float:
+        return self.num_masked / self.num_patches
+
+    def _repr_head(self) -> str:
+        return f"{type(self).__name__}(grid=({self.height}, {self.width}), num_masked={self.num_masked} ({self.mask_ratio:.1%})"
+
+
+class BlockMaskGenerator(_PatchMask):
     """BEiT v2 block-wise mask generator; see the module docstring for the exact semantics.
 
     Args:
@@ -157,18 +177,8 @@ class BlockMaskGenerator:
         if self.max_tries < 1:
             raise ValueError(f"max_tries={self.max_tries} must be at least 1; use e.g. 10")
 
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.height, self.width
-
-    @property
-    def mask_ratio(self) -> float:
-        return self.num_masked / self.num_patches
-
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(grid=({self.height}, {self.width}), "
-                f"num_masked={self.num_masked} ({self.mask_ratio:.1%}), "
-                f"min_block={self.min_block}, max_block={self.max_block}, "
+        return (f"{self._repr_head()}, min_block={self.min_block}, max_block={self.max_block}, "
                 f"aspect=({self.min_aspect:.3g}, {self.max_aspect:.3g}), "
                 f"max_tries={self.max_tries})")
 
@@ -227,7 +237,7 @@ class BlockMaskGenerator:
         return 0
 
 
-class RandomMaskGenerator:
+class RandomMaskGenerator(_PatchMask):
     """MAE's random masking: exactly ``num_masked`` of the ``H*W`` patches, uniformly without
     replacement. ``num_masked`` in ``[1, H*W - 1]``; default ``round(0.75 * H*W)`` (MAE's ratio)."""
 
@@ -241,17 +251,8 @@ class RandomMaskGenerator:
         if not 1 <= self.num_masked <= n - 1:
             raise ValueError(f"num_masked={self.num_masked} is out of range; {fix}")
 
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.height, self.width
-
-    @property
-    def mask_ratio(self) -> float:
-        return self.num_masked / self.num_patches
-
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(grid=({self.height}, {self.width}), "
-                f"num_masked={self.num_masked} ({self.mask_ratio:.1%}))")
+        return self._repr_head() + ")"
 
     def __call__(self, rng: np.random.Generator) -> np.ndarray:
         """One mask: bool ``[H, W]``, ``True`` = masked, exactly ``num_masked`` ``True``."""

@@ -161,14 +161,20 @@ class PecoPlan:
     mask: dict[str, Any]
 
 
-def peco_plan(source: Source) -> PecoPlan:
+def _checkpoint_model(source: Source) -> tuple[str, int, int, dict[str, Any]]:
+    """(preset name, img_size, patch grid side, config) a stage-2 checkpoint records."""
     from ..models.vit import VIT_PRESETS
 
     model, cfg = source.state["model"], source.state.get("config", {})
     name, img_size = model["name"], int(model["img_size"])
     if name not in VIT_PRESETS:
         raise ConfigError(f"checkpoint {source.folder} names model '{name}', which this version does not know")
-    grid = (img_size // VIT_PRESETS[name].patch_size,) * 2
+    return name, img_size, img_size // VIT_PRESETS[name].patch_size, cfg
+
+
+def peco_plan(source: Source) -> PecoPlan:
+    name, img_size, side, cfg = _checkpoint_model(source)
+    grid = (side, side)
     down, n = _downsample(source.meta), grid[0] * grid[1]
     tok_size = int(cfg.get("data", {}).get("tokenizer_img_size") or grid[0] * down)
     if tok_size % down or tok_size // down != grid[0]:
@@ -195,17 +201,11 @@ class MAEPlan:
 
 
 def mae_plan(source: Source) -> MAEPlan:
-    from ..models.vit import VIT_PRESETS
-
-    model, cfg = source.state["model"], source.state.get("config", {})
-    name, img_size = model["name"], int(model["img_size"])
-    if name not in VIT_PRESETS:
-        raise ConfigError(f"checkpoint {source.folder} names model '{name}', which this version does not know")
-    side = img_size // VIT_PRESETS[name].patch_size
+    name, img_size, side, cfg = _checkpoint_model(source)
     a, d = cfg.get("mae", {}), cfg.get("disc", {})
     n = side * side
     num_masked = int(cfg.get("mask", {}).get("num_patches") or round(float(a.get("mask_ratio", 0.75)) * n))
-    multiscale = model.get("task") == "perceptual_mae" and d.get("enabled") and d.get("multiscale")
+    multiscale = source.state["model"].get("task") == "perceptual_mae" and d.get("enabled") and d.get("multiscale")
     decoder = dict(decoder_dim=int(a.get("decoder_dim", 512)), decoder_depth=int(a.get("decoder_depth", 8)),
                    decoder_heads=int(a.get("decoder_heads", 16)), norm_pix=bool(a.get("norm_pix_loss", True)),
                    scales=tuple(2**i for i in range(1, int(d.get("n_layers", 3)) + 1)) if multiscale else ())

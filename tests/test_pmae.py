@@ -104,6 +104,11 @@ def test_adversarial_term_uses_the_discriminator_on_the_reconstruction():
     torch.testing.assert_close(parts["g_loss"], g)
     torch.testing.assert_close(parts["loss"].detach(), out["loss"].detach() + parts["percep_loss"] + 0.4 * g,
                                rtol=1e-4, atol=1e-5)
+    # without a perceptual network (lambda 0): MAE's loss + the adversarial term alone
+    alone = PerceptualMAELoss(None, 0.0, patch=16, grid=(4, 4), norm_pix=True)(images, mask, out, disc=disc,
+                                                                              disc_weight=0.4)
+    assert float(alone["percep_loss"]) == 0.0
+    torch.testing.assert_close(alone["loss"].detach(), out["loss"].detach() + 0.4 * g, rtol=1e-5, atol=1e-6)
 
 
 def test_multiscale_decoder_taps_earlier_blocks_and_feeds_the_msg_discriminator():
@@ -178,6 +183,10 @@ def test_config_checks_the_perceptual_network_and_the_discriminator(demo_data, t
     line("mae.decoder_depth=3 must be at least 4", **{"disc.enabled": "true", "disc.multiscale": "true",
                                                      "mae.decoder_depth": 3})
     line("disc weight -1.0", **{"disc.enabled": "true", "disc.weight": -1.0})
+    # lambda 0: no perceptual network to name (MAE with a discriminator alone)
+    r = resolve_argv(resolve_pretrain, PretrainConfig, _args(demo_data, out, **{
+        "mae.perceptual_weight": 0, "perceptual.weights": "", "perceptual.arch": "alexnet", "disc.enabled": "true"}))
+    assert r.task == "perceptual_mae"
 
 
 # -- 2 ranks under ZeRO-3 ------------------------------------------------------------------------

@@ -55,7 +55,8 @@ class PerceptualMAELoss(nn.Module):
     + ``perceptual_weight`` x perceptual [+ ``disc_weight`` x hinge generator loss]), the detached
     parts (``mae_loss``, ``percep_loss``, ``g_loss``) and ``fakes`` (the reconstructions the
     discriminator is trained on, not detached). ``perceptual`` is a frozen
-    :class:`~.perceptual.PerceptualLoss`; ``out`` is :class:`~.mae.MAETask`'s output."""
+    :class:`~.perceptual.PerceptualLoss`, or None for no perceptual term (``percep_loss`` 0: MAE
+    with a discriminator only); ``out`` is :class:`~.mae.MAETask`'s output."""
 
     def __init__(self, perceptual: nn.Module, perceptual_weight: float, *, patch: int, grid: tuple[int, int],
                  norm_pix: bool) -> None:
@@ -67,7 +68,7 @@ class PerceptualMAELoss(nn.Module):
                 disc_weight: float = 0.0) -> dict[str, Any]:
         fakes = reconstructions(images, mask, out, self.patch, self.grid, self.norm_pix)
         real = to_unit_range(images)
-        percep = self.perceptual(real, fakes[0])
+        percep = self.perceptual(real, fakes[0]) if self.perceptual is not None else real.new_zeros(())
         loss = out["loss"].float() + self.weight * percep
         parts = {"mae_loss": out["loss"].detach().float(), "percep_loss": percep.detach()}
         if disc is not None:

@@ -78,8 +78,8 @@ class PretrainStage(Stage):
                                 scales=r.scales)
             if self.pmae:
                 pc = self.cfg.perceptual
-                self.criterion = PerceptualMAELoss(PerceptualLoss(pc.arch, list(pc.layers) or None, pc.weights),
-                                                   a.perceptual_weight, patch=backbone.preset.patch_size,
+                net = PerceptualLoss(pc.arch, list(pc.layers) or None, pc.weights) if a.perceptual_weight else None
+                self.criterion = PerceptualMAELoss(net, a.perceptual_weight, patch=backbone.preset.patch_size,
                                                    grid=r.grid, norm_pix=a.norm_pix_loss).to(self.device)
             self.flops_per_image = mae_train_flops(VIT_PRESETS[r.model_name], r.img_size, num_masked=r.num_masked,
                                                    decoder_dim=a.decoder_dim, decoder_depth=a.decoder_depth,
@@ -126,7 +126,9 @@ class PretrainStage(Stage):
                       f"{'normalised ' if a.norm_pix_loss else ''}pixel loss"
                       + (" (tokenizer.path ignored)" if self.cfg.tokenizer.path else ""))
             if self.pmae:
-                target += f" + {a.perceptual_weight:g} x perceptual ({self.criterion.perceptual.description})"
+                net = self.criterion.perceptual
+                target += (f" + {a.perceptual_weight:g} x perceptual ({net.description})" if net is not None
+                           else " (no perceptual term: mae.perceptual_weight=0)")
                 if d.enabled:
                     nd = sum(p.numel() for p in self.engines["disc"].module.parameters())
                     kind = f"multi-scale (1/{', 1/'.join(map(str, r.scales))}) patch" if d.multiscale else "patch"

@@ -43,7 +43,8 @@ class MAEConfig:
     decoder_heads: int = field(16, "decoder attention heads")
     norm_pix_loss: bool = field(True, "normalise each target patch by its own mean and variance")
     perceptual_weight: float = field(1.0, "perceptual_mae: lambda, the weight of the perceptual loss between the "
-                                          "reconstruction and the input (stage 1's loss and network)")
+                                          "reconstruction and the input (stage 1's loss and network; 0 = none, "
+                                          "MAE with the discriminator alone)")
 
 
 @dataclass
@@ -171,10 +172,10 @@ def _perceptual_mae(cfg: PretrainConfig, patch: int, img_size: int) -> tuple[int
         return ()
     if a.perceptual_weight < 0:
         raise ConfigError(f"mae.perceptual_weight={a.perceptual_weight} must be >= 0 (stage 1 uses 1)")
-    if p.arch not in PERCEPTUAL_ARCHS:
+    if a.perceptual_weight and p.arch not in PERCEPTUAL_ARCHS:
         raise ConfigError(f"perceptual.arch='{p.arch}' is unknown; use one of {', '.join(PERCEPTUAL_ARCHS)}")
-    check_perceptual(p, a.perceptual_weight)
-    unit = PERCEPTUAL_ARCHS[p.arch].patch_size
+    check_perceptual(p, a.perceptual_weight)  # nothing to check at weight 0: no perceptual network
+    unit = PERCEPTUAL_ARCHS[p.arch].patch_size if a.perceptual_weight else 1
     if img_size % unit:
         raise ConfigError(f"perceptual.arch={p.arch} reads images in multiples of {unit} px, the model's are {img_size}; "
                           f"use a resolution divisible by {unit} or another perceptual.arch")

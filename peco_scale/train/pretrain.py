@@ -146,20 +146,16 @@ class PretrainStage(Stage):
         return text
 
     def micro_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
-        device, engine = self.device, self.engines["model"]
         if self.pmae:
             return self.perceptual_mae_step(batch, step)
-        if not self.peco:
-            out = engine(batch["patch"].to(device, self.dtype, non_blocking=True),
-                         batch["mask"].to(device, non_blocking=True))
-            engine.backward(out["loss"])
-            engine.step()
-            return {"loss": out["loss"].detach()}
-        out = engine(batch["patch"].to(device, self.dtype, non_blocking=True),
-                     batch["tokenizer"].to(device, non_blocking=True), batch["mask"].to(device, non_blocking=True))
+        device, engine = self.device, self.engines["model"]
+        inputs = [batch["patch"].to(device, self.dtype, non_blocking=True)]
+        if self.peco:  # peco: (patch view, tokenizer view, mask); mae: (patch view, mask)
+            inputs.append(batch["tokenizer"].to(device, non_blocking=True))
+        out = engine(*inputs, batch["mask"].to(device, non_blocking=True))
         engine.backward(out["loss"])
         engine.step()
-        return {"loss": out["loss"].detach(), "mlm_acc": out["mlm_acc"].detach()}
+        return {k: out[k].detach() for k in ("loss", "mlm_acc") if k in out}
 
     def perceptual_mae_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
         """The MAE's step on its loss + the perceptual [+ adversarial] terms, then, from

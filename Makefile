@@ -59,13 +59,11 @@ demo: install
 	$(BIN)/python -m peco_scale.tools.probe codeword --tokenizer $(DEMO)/tokenizer/tokenizer.safetensors --data $(DEMO)/data --val $(DEMO)/val --out $(DEMO)/codeword_probe.json
 	@echo "stage 3 done: fine-tune metrics $(DEMO)/finetune/metrics.jsonl, timm classifier $(DEMO)/finetune/classifier.safetensors"
 
-# Dense transfer on the dense demo scenes: stage 2 on the training scenes (unlabelled, with the demo's
-# tokenizer from `make demo`), then that backbone against a random initialisation for segmentation
-# (mIoU) and detection (box / mask AP), then the two tables.
+# Dense transfer on the dense demo scenes: stage 2 (MAE) on 2000 unlabelled scenes, then that
+# backbone against a random initialisation for segmentation (mIoU) and detection (box / mask AP) on
+# the 200 labelled ones, then the two tables.
 dense-demo: install
-	@test -f $(DEMO)/tokenizer/tokenizer.safetensors || { echo "error: no demo tokenizer in $(DEMO)/tokenizer; run make demo first"; exit 2; }
-	$(BIN)/python -m peco_scale.data dense-demo --out runs/dense/data
-	mkdir -p runs/dense/mim/train && ln -sfn $(CURDIR)/runs/dense/data/images/training runs/dense/mim/train/scenes
+	$(BIN)/python -m peco_scale.data dense-demo --out runs/dense/data --unlabelled_images 2000
 	$(DS_LAUNCH) launch/pretrain.py --deepspeed_config ds_configs/zero3_vith.json --config configs/demo_dense_pretrain.yaml
 	$(DS_LAUNCH) launch/segment.py --config configs/demo_segment.yaml --output_dir runs/dense/segment/pretrained
 	$(DS_LAUNCH) launch/segment.py --config configs/demo_segment.yaml --init '' --output_dir runs/dense/segment/random

@@ -98,3 +98,26 @@ def test_cli_writes_and_refuses_bad_counts(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train_images=0" in err[0] and "must be >= 1" in err[0]
     assert not (tmp_path / "e" / "manifest.json").exists()
+
+
+def test_unlabelled_scenes_are_new_and_read_as_an_image_folder(tmp_path, capsys):
+    """--unlabelled_images: scenes of the same generator in a one-class ImageFolder tree that
+    stage 2's folder reader takes, none of them a copy of a training scene."""
+    from peco_scale.data.__main__ import main
+    from peco_scale.data.folder import scan_image_folder
+
+    out = tmp_path / "d"
+    assert main(["dense-demo", "--out", str(out), "--train_images", "3", "--val_images", "1",
+                 "--unlabelled_images", "5", "--min_size", "48", "--max_size", "64"]) == 0
+    assert f"--data.path {out / 'unlabelled'}" in capsys.readouterr().out
+    samples, classes, _ = scan_image_folder(out / "unlabelled")
+    assert classes == ["scenes"] and len(samples) == 5
+    train = {p.read_bytes() for p in (out / "images" / "training").glob("*.jpg")}
+    assert len(train) == 3 and not train & {p.read_bytes() for p in (out / "unlabelled" / "scenes").glob("*.jpg")}
+    assert json.loads((out / "manifest.json").read_text())["counts"]["unlabelled"] == {"images": 5}
+    # asked again without them: the tree is rewritten and the unlabelled folder goes
+    assert main(["dense-demo", "--out", str(out), "--train_images", "3", "--val_images", "1",
+                 "--min_size", "48", "--max_size", "64"]) == 0
+    assert not (out / "unlabelled").exists()
+    assert main(["dense-demo", "--out", str(tmp_path / "e"), "--unlabelled_images", "-1"]) == 2
+    assert "unlabelled_images=-1" in capsys.readouterr().err

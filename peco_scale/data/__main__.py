@@ -3,8 +3,10 @@
 Commands:
     demo --out DIR [--images_per_class N] [--seed S] [--min_size A] [--max_size B] [--overwrite]
         Write (or reuse) the offline demo ImageFolder tree at DIR/train.
-    dense-demo --out DIR [--train_images N] [--val_images N] [--seed S] [--min_size A] [--max_size B]
-        Write (or reuse) the dense demo: ADE20K-layout label maps and COCO instances of drawn shapes.
+    dense-demo --out DIR [--train_images N] [--val_images N] [--unlabelled_images N] [--seed S]
+               [--min_size A] [--max_size B]
+        Write (or reuse) the dense demo: ADE20K-layout label maps and COCO instances of drawn shapes
+        (and N more scenes without labels in DIR/unlabelled, an ImageFolder tree for stage 2).
     scan DIR
         Count images and classes of an ImageFolder tree without decoding anything.
     convert --to ffcv --data DIR --out FILE.beton [--max_resolution N] [--mode jpg|raw] [--quality Q]
@@ -20,6 +22,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from .demo import demo_is_current, make_demo_dataset
 from .folder import scan_image_folder
@@ -41,12 +44,14 @@ def _cmd_dense_demo(args: argparse.Namespace) -> None:
     from .dense_demo import make_dense_demo
 
     m = make_dense_demo(args.out, train_images=args.train_images, val_images=args.val_images, seed=args.seed,
-                        min_size=args.min_size, max_size=args.max_size)
+                        min_size=args.min_size, max_size=args.max_size, unlabelled_images=args.unlabelled_images)
     c = m["counts"]
     print(f"dense demo at {args.out}: {c['training']['images']} training / {c['validation']['images']} validation "
           f"scenes, {c['training']['instances']} / {c['validation']['instances']} instances; segmentation classes "
           f"{', '.join(m['seg_classes'])} (images/, annotations/), COCO categories {', '.join(m['categories'])} "
           f"(annotations/instances_*.json)")
+    if "unlabelled" in c:
+        print(f"{c['unlabelled']['images']} unlabelled scenes for stage 2: --data.path {Path(args.out) / 'unlabelled'}")
 
 
 def _cmd_scan(args: argparse.Namespace) -> None:
@@ -103,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--out", required=True, help="output root: OUT/images, OUT/annotations")
     dd.add_argument("--train_images", type=int, default=200)
     dd.add_argument("--val_images", type=int, default=50)
+    dd.add_argument("--unlabelled_images", type=int, default=0,
+                    help="scenes without labels for stage 2, in OUT/unlabelled (an ImageFolder tree)")
     dd.add_argument("--seed", type=int, default=0)
     dd.add_argument("--min_size", type=int, default=96, help="smallest scene side (pixels)")
     dd.add_argument("--max_size", type=int, default=192, help="largest scene side (pixels)")

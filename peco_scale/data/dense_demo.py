@@ -10,6 +10,9 @@ their exact segmentation maps (ADE20K layout) and instances (COCO JSON).
     root/annotations/instances_{training,validation}.json  COCO: one instance per shape, its box and
         mask from the pixels the shape covers at least half; squares and triangles inside the
         image as polygons (their exact vertices), the rest as uncompressed RLE
+    root/unlabelled/scenes/scene_<i>.jpg  with ``unlabelled_images`` > 0: more scenes of the same
+        distribution (their own RNG stream, so none repeats a training scene) and no annotations, as
+        an ImageFolder tree (one class, "scenes") for stage 2 (``--data.path root/unlabelled``)
     root/manifest.json  written last
 
 Shapes are drawn by the same code as the classification demo's shape classes and never overlap,
@@ -98,21 +101,25 @@ def _coco_annotation(inst: dict[str, Any], ann_id: int, image_id: int) -> dict[s
             "iscrowd": 0, "segmentation": segmentation}
 
 
-def _params(seed: int, train_images: int, val_images: int, min_size: int, max_size: int) -> dict[str, Any]:
+def _params(seed: int, train_images: int, val_images: int, min_size: int, max_size: int,
+            unlabelled_images: int) -> dict[str, Any]:
     return {"generator": "peco_scale.data.dense_demo", "version": DENSE_VERSION, "seed": seed,
-            "train_images": train_images, "val_images": val_images, "min_size": min_size, "max_size": max_size}
+            "train_images": train_images, "val_images": val_images, "min_size": min_size, "max_size": max_size,
+            "unlabelled_images": unlabelled_images}
 
 
 def make_dense_demo(root: str | os.PathLike[str], *, train_images: int = 200, val_images: int = 50, seed: int = 0,
-                    min_size: int = 96, max_size: int = 192) -> dict[str, Any]:
+                    min_size: int = 96, max_size: int = 192, unlabelled_images: int = 0) -> dict[str, Any]:
     """Write (or reuse, when ``root/manifest.json`` has the same parameters) the dense demo tree;
     built in ``root/.tmp-<pid>`` and moved into place, the manifest last."""
     if train_images < 1 or val_images < 1:
         raise DataError(f"train_images={train_images}, val_images={val_images}: both must be >= 1")
+    if unlabelled_images < 0:
+        raise DataError(f"unlabelled_images={unlabelled_images}: must be >= 0")
     if not 32 <= min_size <= max_size:
         raise DataError(f"scene size range [{min_size}, {max_size}] is invalid; use 32 <= min_size <= max_size")
     root = Path(root)
-    params = _params(seed, train_images, val_images, min_size, max_size)
+    params = _params(seed, train_images, val_images, min_size, max_size, unlabelled_images)
     try:
         manifest = json.loads((root / "manifest.json").read_text())
         if manifest.get("params") == params:
@@ -140,12 +147,19 @@ def make_dense_demo(root: str | os.PathLike[str], *, train_images: int = 200, va
             coco = {"images": images, "annotations": annotations, "categories": CATEGORIES}
             (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
             counts[split] = {"images": n, "instances": len(annotations)}
+        if unlabelled_images:
+            (tmp / "unlabelled" / "scenes").mkdir(parents=True)
+            for i in range(unlabelled_images):
+                img = render_scene(seed, "unlabelled", i, min_size, max_size)[0]
+                (tmp / "unlabelled" / "scenes" / f"scene_{i:05d}.jpg").write_bytes(_encode_jpeg(img))
+            counts["unlabelled"] = {"images": unlabelled_images}
         manifest = {"params": params, "counts": counts, "seg_classes": list(SEG_CLASSES),
                     "categories": [c["name"] for c in CATEGORIES]}
         (root / "manifest.json").unlink(missing_ok=True)
-        for sub in ("images", "annotations"):
+        for sub in ("images", "annotations", "unlabelled"):
             shutil.rmtree(root / sub, ignore_errors=True)
-            (tmp / sub).rename(root / sub)
+            if (tmp / sub).exists():
+                (tmp / sub).rename(root / sub)
         (root / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -195,6 +195,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
 JobRequeue=1
+# the main and backfill schedulers every second (defaults 60 s / 30 s): a requeued job starts once eligible
+SchedulerParameters=sched_interval=1,bf_interval=1
 MinJobAge=600
 KillWait=30
 InactiveLimit=0

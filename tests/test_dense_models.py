@@ -132,6 +132,25 @@ def test_mask_rcnn_trains_and_predicts():
     assert pred[0]["masks"].shape[1:] == (1, 64, 64)
 
 
+def test_mask_rcnn_anchor_sizes_per_level():
+    """model.anchors sets the RPN's anchors: on each level, three boxes of about size^2 pixels (aspect
+    ratios 0.5, 1, 2; torchvision rounds the corners), read back from the generated anchors."""
+    from torchvision.models.detection.image_list import ImageList
+
+    sizes = (8, 16, 32, 64, 128)
+    model = build_mask_rcnn("vit_pico_patch16", 64, 3, channels=32, anchors=sizes).eval()
+    images = ImageList(torch.zeros(1, 3, 64, 64), [(64, 64)])
+    feats = list(model.backbone(images.tensors).values())
+    anchors = model.rpn.anchor_generator(images, feats)[0]
+    counts = [3 * f.shape[-2] * f.shape[-1] for f in feats]
+    assert counts == [768, 192, 48, 12, 3] and len(anchors) == sum(counts)
+    for size, level in zip(sizes, anchors.split(counts)):
+        wh = (level[:, 2:] - level[:, :2])[:3]  # the three anchors at the first grid point
+        assert (wh == float(size)).all(1).sum() == 1  # the square one, exactly
+        assert torch.allclose(wh.prod(1), torch.full((3,), float(size * size)), rtol=0.15)
+        assert sorted((wh[:, 1] / wh[:, 0]).tolist()) == pytest.approx([0.5, 1.0, 2.0], rel=0.15)
+
+
 def test_window_starts_cover_the_side_like_mmseg():
     from peco_scale.models.dense import window_starts
 

@@ -115,3 +115,4 @@ def test_bad_inputs_are_one_clear_line(dense_data, tmp_path):
     line(["--init", str(tmp_path / "missing")], "does not exist")
     line(["--data.scale_min", "3"], "need 0 < min <= max")
     line(["--data.backend", "dali"], "folder only")
+    line(["--model.anchors", "[8, 16]"], "model.anchors=[8, 16]", "give 5 positive sizes")

@@ -197,14 +197,19 @@ class SimpleFeaturePyramid(nn.Module):
         return out
 
 
+VITDET_ANCHORS = (32, 64, 128, 256, 512)  # RPN anchor size in pixels on P2..P6 (runs saved without one)
+
+
 def build_mask_rcnn(name: str, img_size: int, num_classes: int, *, drop_path: float = 0.1,
                     layer_scale: float | None = None, window: int = 0, global_attn: tuple[int, ...] = (),
-                    channels: int = 256, mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+                    channels: int = 256, anchors: tuple[int, ...] = VITDET_ANCHORS,
+                    mean: tuple[float, ...] = (0.485, 0.456, 0.406),
                     std: tuple[float, ...] = (0.229, 0.224, 0.225), **kwargs: Any) -> nn.Module:
     """torchvision's Mask R-CNN (RPN, RoIAlign heads) on :class:`SimpleFeaturePyramid`;
     ``num_classes`` excludes the background. ``channels``: the pyramid's and the mask head's width
     (256 as in ViTDet; the box head's MLP is 4x that). Images come in in [0, 1], padded to
-    ``img_size`` square (the detector normalises them and, at that size, does not resize)."""
+    ``img_size`` square (the detector normalises them and, at that size, does not resize). ``anchors``:
+    the RPN's anchor size on each of P2..P6, at aspect ratios 0.5, 1 and 2."""
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -214,9 +219,9 @@ def build_mask_rcnn(name: str, img_size: int, num_classes: int, *, drop_path: fl
     backbone = SimpleFeaturePyramid(name, img_size, out_channels=channels, drop_path=drop_path,
                                     layer_scale=layer_scale, window=window, global_attn=global_attn)
     levels = ["p2", "p3", "p4", "p5"]
-    anchors = AnchorGenerator(sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
+    anchor_gen = AnchorGenerator(sizes=tuple((int(a),) for a in anchors), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
     classes = num_classes + 1
-    return MaskRCNN(backbone, rpn_anchor_generator=anchors,
+    return MaskRCNN(backbone, rpn_anchor_generator=anchor_gen,
                     box_roi_pool=MultiScaleRoIAlign(levels, 7, 0), mask_roi_pool=MultiScaleRoIAlign(levels, 14, 0),
                     box_head=TwoMLPHead(channels * 7 * 7, 4 * channels),
                     box_predictor=FastRCNNPredictor(4 * channels, classes),
@@ -235,6 +240,7 @@ def build_dense(kind: str, meta: dict[str, Any], *, drop_path: float = 0.0, laye
         return build_mask_rcnn(meta["name"], int(meta["size"]), int(meta["num_classes"]), drop_path=drop_path,
                                layer_scale=layer_scale, window=int(meta["window"]),
                                global_attn=tuple(meta["global_attn"]), channels=int(meta["channels"]),
+                               anchors=tuple(meta.get("anchors", VITDET_ANCHORS)),
                                box_detections_per_img=int(meta["detections"]))
     raise ValueError(f"no dense model of kind '{kind}' (segment or detect)")
 

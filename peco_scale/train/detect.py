@@ -108,6 +108,7 @@ class DetectStage(TransferStage):
         r = self.r
         return {"name": r.model_name, "size": r.size, "num_classes": r.num_classes, "window": r.window,
                 "channels": self.cfg.model.channels, "detections": self.cfg.model.detections,
+                "anchors": list(self.cfg.model.anchors),
                 "global_attn": list(r.global_attn), "categories": [list(c) for c in r.categories]}
 
 

@@ -28,6 +28,8 @@ class DetectModelConfig(TransferModelConfig):
                                              "B 2,5,8,11; L 5,11,17,23)")
     channels: int = field(256, "feature pyramid and mask head width (the box head's MLP is 4x)")
     detections: int = field(100, "detections kept per image at evaluation")
+    anchors: tuple[int, ...] = field((32, 64, 128, 256, 512), "RPN anchor sizes in pixels on P2..P6, one per "
+                                     "level (aspect ratios 0.5, 1, 2); scale them with your objects' sizes")
 
 
 @dataclass
@@ -88,6 +90,9 @@ def resolve_detect(cfg: DetectConfig, world: int | None = None) -> DetectResolve
     if m.window < 0 or m.detections < 1 or m.channels < 1 or t.eval_every < 1:
         raise ConfigError(f"model.window={m.window} (>= 0), model.detections={m.detections}, model.channels="
                           f"{m.channels} and train.eval_every={t.eval_every} (each >= 1): one is out of range")
+    if len(m.anchors) != 5 or any(a <= 0 for a in m.anchors):
+        raise ConfigError(f"model.anchors={list(m.anchors)}: give 5 positive sizes in pixels, one per pyramid level "
+                          f"P2..P6, e.g. [32, 64, 128, 256, 512] (ViTDet at 1024 px)")
     glob = check_blocks(tuple(m.global_attn) or global_blocks(preset.depth), preset.depth) if m.window else ()
     accum = check_common(cfg, world)
     try:

@@ -104,11 +104,20 @@ def tiny_args(data: Path, out: Path, **over) -> list[str]:
     }, over)
 
 
+def worker_port(port: int) -> int:
+    """``port`` moved into this pytest-xdist worker's own range (gw1: +200, gw2: +400, ...): test files
+    that run side by side (``make test`` runs two at once) never share a rendezvous port."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return port + 200 * int(worker.removeprefix("gw") or 0)
+
+
 def run_launch(script: str, args: list[str], *, ranks: int = 0, timeout: int = 600, port: int = 29531):
-    """Run a launch/ script as a user would: plain python, or `deepspeed --num_gpus N`."""
+    """Run a launch/ script as a user would: plain python, or `deepspeed --num_gpus N` (rendezvous on
+    ``port``, moved into this test worker's range)."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
     if ranks:
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
+               str(worker_port(port)),
                str(ROOT / script), *args]
     else:
         cmd = [sys.executable, str(ROOT / script), *args]

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, pretrain_args, read_metrics, rewound_copy, run_launch, tiny_args
+from conftest import ROOT, pretrain_args, read_metrics, rewound_copy, run_launch, tiny_args, worker_port
 
 SHM = Path("/dev/shm")
 
@@ -51,6 +51,8 @@ def _error_lines(res) -> list[str]:
 
 
 def _shm_files(port: int) -> list[str]:
+    """DeepSpeed's shared-memory buffers left by a run launched on ``port`` (as run_launch moves it)."""
+    port = worker_port(port)
     return [p.name for p in SHM.glob(f"deepspeed_allreduce_buffer_*_{port}_*")] if SHM.is_dir() else []
 
 
@@ -138,7 +140,7 @@ def test_second_run_into_a_held_folder_refuses_and_a_killed_run_leaves_no_lock(d
 def test_killed_two_rank_run_leaves_no_shared_memory(demo_data, tmp_path):
     psutil = pytest.importorskip("psutil")
     port, run = 29575, tmp_path / "run"
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(worker_port(port)),
            str(ROOT / "launch/train_tokenizer.py"), *tiny_args(demo_data, run, **{"train.max_steps": 2000})]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

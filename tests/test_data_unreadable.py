@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, tiny_args
+from conftest import ROOT, tiny_args, worker_port
 
 TIMEOUT = 300  # a healthy failing run takes ~10 s on 1 rank, ~25 s on 2 (CPU); a hang never ends
 
@@ -44,7 +44,7 @@ def _launch(args: list[str], ranks: int, port: int) -> subprocess.CompletedProce
     """launch/train_tokenizer.py as conftest.run_launch starts it, with the session killed on a hang."""
     script = str(ROOT / "launch/train_tokenizer.py")
     if ranks:
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(worker_port(port)),
                script, *args]
     else:
         cmd = [sys.executable, script, *args]

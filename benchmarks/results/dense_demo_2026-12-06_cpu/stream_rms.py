@@ -13,18 +13,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from peco_scale.data.mim import IMAGENET_MEAN, IMAGENET_STD
 from peco_scale.engine.weights import load_pretrained
 from peco_scale.models.dense import ViTBackbone
 from peco_scale.models.transfer import adapt_state_dict, has_layer_scale
-
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
 
 def scenes(root: Path, n: int = 64, size: int = 64) -> torch.Tensor:
     files = sorted((root / "images" / "training").glob("*.jpg"))[:n]
     x = torch.tensor(np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR))
                                for f in files])).permute(0, 3, 1, 2).float() / 255
-    return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
 @torch.no_grad()

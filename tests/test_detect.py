@@ -113,6 +113,7 @@ def test_bad_inputs_are_one_clear_line(dense_data, tmp_path):
     line(["--data", str(tmp_path / "none")], "instances_training.json' does not exist")
     line(["--data.val_split", "val2017"], "instances_val2017.json' does not exist")
     line(["--init", str(tmp_path / "missing")], "does not exist")
+    line(["--model.stream_scale", "0"], "model.stream_scale=0.0 must be positive")
     line(["--data.scale_min", "3"], "need 0 < min <= max")
     line(["--data.backend", "dali"], "folder only")
     line(["--model.anchors", "[8, 16]"], "model.anchors=[8, 16]", "give 5 positive sizes")

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from peco_scale.config import ConfigError
 from peco_scale.engine.ema import ShardedEMA
 from peco_scale.engine.weights import load_pretrained
-from peco_scale.models.transfer import adapt_state_dict, build_classifier, layer_decay_groups
+from peco_scale.models.transfer import adapt_state_dict, build_classifier, layer_decay_groups, scale_residual_stream
 from peco_scale.models.vit import VIT_PRESETS, MaskedViT, export_timm_state_dict, resize_pos_embed, timm_spec
 from peco_scale.tools.export import FORMAT
 
@@ -65,6 +65,72 @@ def _resize_1d_matrix(n_in, n_out):
         w = np.array([_cubic((j - center + 0.5) / filterscale) for j in range(lo, hi)])
         m[i, lo:hi] = w / w.sum()
     return m
+
+
+def trained_like(layer_scale: float | None) -> torch.nn.Module:
+    """A classifier whose parameters all have trained-like sizes: a residual stream of rms about 1
+    (trained MAE/PeCo ones are 10 or more; a fresh class token is ~1e-6, where LayerNorm's eps, not
+    the token, would set the scale)."""
+    torch.manual_seed(0)
+    model = build_classifier("vit_pico_patch16", 32, 5, drop_path=0.0, layer_scale=layer_scale).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(0.3 * torch.randn_like(p) * (p.abs().mean() + 0.05))
+        model.cls_token.normal_()
+        model.pos_embed.normal_()
+    return model
+
+
+@pytest.mark.parametrize("layer_scale", [0.1, None])
+def test_stream_scale_multiplies_every_block_output_and_keeps_the_logits(layer_scale):
+    model, factor = trained_like(layer_scale), 0.08
+    x = torch.randn(3, 3, 32, 32)
+
+    def stream(m):  # every block's output, as the dense necks read them
+        out, h = [], m._pos_embed(m.patch_embed(x))
+        for block in m.blocks:
+            h = block(h)
+            out.append(h)
+        return out
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref_stream, ref_logits = stream(model), model(x)
+        changed = scale_residual_stream(model, factor)
+        new_stream, new_logits = stream(model), model(x)
+    for ref, new in zip(ref_stream, new_stream):
+        assert (new / factor - ref).abs().max() <= 1e-3 * ref.abs().max()
+    assert (new_logits - ref_logits).abs().max() <= 1e-3 * ref_logits.abs().max()
+    # what moved is exactly the embeddings and what each branch writes, each by the factor
+    branch = ("ls1.gamma", "ls2.gamma") if layer_scale else ("attn.proj.weight", "attn.proj.bias",
+                                                             "mlp.fc2.weight", "mlp.fc2.bias")
+    expected = {"patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "cls_token"}
+    expected |= {f"blocks.{i}.{b}" for i in range(len(model.blocks)) for b in branch}
+    assert set(changed) == expected
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k] * factor if k in expected else before[k]), k
+    with pytest.raises(ValueError, match="must be positive"):
+        scale_residual_stream(model, 0.0)
+
+
+def test_transfer_stage_scales_loaded_weights_only():
+    from types import SimpleNamespace
+
+    from peco_scale.train.transfer import TransferStage
+
+    source = trained_like(0.1)
+    sd = {k: v for k, v in source.state_dict().items() if not k.startswith(("head.", "fc_norm."))}
+    for scale, weights in ((0.5, sd), (1.0, sd), (0.5, {})):
+        torch.manual_seed(1)
+        vit, info = build_classifier("vit_pico_patch16", 32, 5, drop_path=0.0, layer_scale=0.1), {}
+        fresh = vit.pos_embed.detach().clone()
+        stage = SimpleNamespace(cfg=SimpleNamespace(model=SimpleNamespace(init="x", stream_scale=scale)))
+        TransferStage.load_vit(stage, vit, weights, info)
+        want = sd["pos_embed"] * scale if weights else fresh  # random init is left as built
+        assert torch.equal(vit.pos_embed.detach(), want)
+        assert torch.equal(vit.blocks[0].attn.qkv.weight.detach(),
+                           sd["blocks.0.attn.qkv.weight"] if weights else vit.blocks[0].attn.qkv.weight.detach())
+        assert ("stream_scale" in info) == (bool(weights) and scale != 1)
 
 
 @pytest.mark.parametrize("old,new", [(4, 7), (14, 32), (32, 14), (4, 4)])

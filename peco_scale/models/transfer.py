@@ -86,6 +86,39 @@ def adapt_state_dict(sd: dict[str, torch.Tensor], model: nn.Module, source: str 
     return {k: v.to(own[k].dtype) for k, v in out.items() if k in own}
 
 
+@torch.no_grad()
+def scale_residual_stream(vit: nn.Module, factor: float) -> list[str]:
+    """Multiply a pre-LayerNorm timm ViT's residual stream by ``factor``, in place, and return the
+    names of the parameters changed.
+
+    The stream starts as the embeddings (patch projection, position embedding, class/register
+    tokens; or ``norm_pre``'s affine when the ViT has one) and each block adds what its two
+    branches write (the layer-scale gammas, or without layer scale ``attn.proj`` and ``mlp.fc2``).
+    Every branch reads the stream through a LayerNorm, which ignores its scale, so multiplying
+    all of these by ``factor`` multiplies every block's output by ``factor`` and leaves the rest
+    of the computation as it was (up to LayerNorm's eps): the final ``norm``/``fc_norm`` and the
+    dense necks' norms see the same features. What changes is the parameters' size, and with it
+    how far AdamW's steps (of a size set by the lr, not by the weights) move them, relatively.
+    """
+    if not factor > 0:
+        raise ValueError(f"stream scale {factor} must be positive")
+    names = []
+    if isinstance(getattr(vit, "norm_pre", None), nn.LayerNorm):
+        names += ["norm_pre.weight", "norm_pre.bias"]
+    else:
+        names += ["patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "cls_token", "reg_token"]
+    for i, block in enumerate(vit.blocks):
+        if isinstance(getattr(block, "ls1", None), nn.Identity) or not hasattr(block, "ls1"):
+            names += [f"blocks.{i}.{m}.{w}" for m in ("attn.proj", "mlp.fc2") for w in ("weight", "bias")]
+        else:
+            names += [f"blocks.{i}.ls1.gamma", f"blocks.{i}.ls2.gamma"]
+    params = dict(vit.named_parameters())
+    changed = [n for n in names if params.get(n) is not None]
+    for n in changed:
+        params[n].mul_(factor)
+    return changed
+
+
 # ----------------------------------------------------------------------------- layer-wise lr decay
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -129,4 +162,4 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float
 
 
 __all__ = ["adapt_state_dict", "build_classifier", "classifier_timm_spec", "default_drop_path", "default_layer_decay",
-           "has_layer_scale", "layer_decay_groups", "layer_id"]
+           "has_layer_scale", "layer_decay_groups", "layer_id", "scale_residual_stream"]

@@ -107,6 +107,9 @@ class TransferModelConfig:
                           "or a timm checkpoint file ('' = random init)")
     drop_path: float = field(-1.0, "stochastic depth (-1 = the recipe's for the backbone size)")
     layer_decay: float = field(-1.0, "layer-wise lr decay (-1 = the recipe's for the backbone size; 1 = off)")
+    stream_scale: float = field(1.0, "multiply the pre-trained ViT's residual stream by this before fine-tuning: the "
+                                     "same function, smaller weights (docs/dense.md; 1 = as loaded; random init "
+                                     "ignores it)")
 
 
 @dataclass
@@ -321,4 +324,7 @@ def transfer_backbone(m: Any, img_size: int, what: str, decay: Callable[[str], f
     layer_decay = decay(name) if m.layer_decay < 0 else m.layer_decay
     if not 0 < layer_decay <= 1:
         raise ConfigError(f"model.layer_decay={m.layer_decay} must be in (0, 1] (1 = no decay)")
+    if not m.stream_scale > 0:
+        raise ConfigError(f"model.stream_scale={m.stream_scale} must be positive (1 = the weights as loaded; "
+                          f"about 0.75 / the backbone's residual-stream rms brings it to a fresh init's size)")
     return name, preset, size, drop(name) if m.drop_path < 0 else m.drop_path, layer_decay

@@ -19,7 +19,7 @@ import torch
 
 from ..engine import ds
 from ..engine.weights import load_pretrained
-from ..models.transfer import adapt_state_dict, has_layer_scale, layer_decay_groups
+from ..models.transfer import adapt_state_dict, has_layer_scale, layer_decay_groups, scale_residual_stream
 from ..models.vit import VIT_PRESETS
 from .trainer import EvalStage, use_bf16
 
@@ -45,13 +45,16 @@ class TransferStage(EvalStage):
         return sd, info, layer_scale
 
     def load_vit(self, vit: torch.nn.Module, sd: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
-        """Load the pre-trained weights into ``vit`` (position embeddings resized); only the head
-        and fc_norm may stay missing."""
+        """Load the pre-trained weights into ``vit`` (position embeddings resized; only the head
+        and fc_norm may stay missing), then scale its residual stream by ``model.stream_scale``."""
         if sd:
             weights = adapt_state_dict(sd, vit, source=f"model.init '{self.cfg.model.init}'")
             missing, unexpected = vit.load_state_dict(weights, strict=False)
             assert not unexpected and all(k.startswith(("head.", "fc_norm.")) for k in missing), (missing, unexpected)
             info["loaded"] = len(weights)
+            if self.cfg.model.stream_scale != 1:
+                scale_residual_stream(vit, self.cfg.model.stream_scale)
+                info["stream_scale"] = self.cfg.model.stream_scale
 
     def seed_rank(self, seed: int) -> None:
         seed_everything(seed)  # per rank, saved on checkpoints
@@ -82,7 +85,8 @@ class TransferStage(EvalStage):
         """The shared tail of the run's description line: initialisation, layer decay, drop path,
         ZeRO stage, precision and learning rate."""
         r, m = self.r, self.cfg.model
-        return (f"from {m.init or 'random init'} ({self.info['kind']}); layer decay {r.layer_decay:.2f} over "
+        scaled = f", stream x{self.info['stream_scale']:g}" if "stream_scale" in self.info else ""
+        return (f"from {m.init or 'random init'} ({self.info['kind']}{scaled}); layer decay {r.layer_decay:.2f} over "
                 f"{self.n_groups} groups, drop path {r.drop_path:.2f}; ZeRO "
                 f"{self.ds_cfg['zero_optimization'].get('stage', 0)}, {'bf16' if self.bf16 else 'fp32'}; lr "
                 f"{self.schedule.base_lr:.3g} ({self.cfg.optim.schedule})")

@@ -109,8 +109,9 @@ def test_stream_scale_multiplies_every_block_output_and_keeps_the_logits(layer_s
     assert set(changed) == expected
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k] * factor if k in expected else before[k]), k
-    with pytest.raises(ValueError, match="must be positive"):
-        scale_residual_stream(model, 0.0)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="must be positive and finite"):
+            scale_residual_stream(model, bad)
 
 
 def test_transfer_stage_scales_loaded_weights_only():

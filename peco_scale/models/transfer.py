@@ -96,12 +96,13 @@ def scale_residual_stream(vit: nn.Module, factor: float) -> list[str]:
     branches write (the layer-scale gammas, or without layer scale ``attn.proj`` and ``mlp.fc2``).
     Every branch reads the stream through a LayerNorm, which ignores its scale, so multiplying
     all of these by ``factor`` multiplies every block's output by ``factor`` and leaves the rest
-    of the computation as it was (up to LayerNorm's eps): the final ``norm``/``fc_norm`` and the
-    dense necks' norms see the same features. What changes is the parameters' size, and with it
+    of the computation as it was (up to LayerNorm's eps): the final ``norm``/``fc_norm`` sees the
+    same features; a dense neck gets the blocks' maps times ``factor`` (its first norm, after a
+    conv with bias, takes out nearly all of it). What changes is the parameters' size, and with it
     how far AdamW's steps (of a size set by the lr, not by the weights) move them, relatively.
     """
-    if not factor > 0:
-        raise ValueError(f"stream scale {factor} must be positive")
+    if not 0 < factor < float("inf"):
+        raise ValueError(f"stream scale {factor} must be positive and finite")
     names = []
     if isinstance(getattr(vit, "norm_pre", None), nn.LayerNorm):
         names += ["norm_pre.weight", "norm_pre.bias"]

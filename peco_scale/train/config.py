@@ -324,7 +324,7 @@ def transfer_backbone(m: Any, img_size: int, what: str, decay: Callable[[str], f
     layer_decay = decay(name) if m.layer_decay < 0 else m.layer_decay
     if not 0 < layer_decay <= 1:
         raise ConfigError(f"model.layer_decay={m.layer_decay} must be in (0, 1] (1 = no decay)")
-    if not m.stream_scale > 0:
-        raise ConfigError(f"model.stream_scale={m.stream_scale} must be positive (1 = the weights as loaded; "
+    if not 0 < m.stream_scale < float("inf"):
+        raise ConfigError(f"model.stream_scale={m.stream_scale} must be positive and finite (1 = the weights as loaded; "
                           f"about 0.75 / the backbone's residual-stream rms brings it to a fresh init's size)")
     return name, preset, size, drop(name) if m.drop_path < 0 else m.drop_path, layer_decay

@@ -60,6 +60,13 @@ def has_layer_scale(sd: dict[str, torch.Tensor]) -> bool:
     return any(k.endswith(".ls1.gamma") for k in sd)
 
 
+def init_layer_scale(name: str, sd: dict[str, torch.Tensor]) -> float | None:
+    """The layer-scale init a backbone of preset ``name`` is built with to take ``sd``: the preset's
+    when the weights have gammas (stage-2 checkpoints) or there are none (random init), else None."""
+    preset = VIT_PRESETS[name]
+    return preset.layer_scale if (has_layer_scale(sd) or not sd) and preset.layer_scale > 0 else None
+
+
 def adapt_state_dict(sd: dict[str, torch.Tensor], model: nn.Module, source: str = "checkpoint",
                      ) -> dict[str, torch.Tensor]:
     """Fit a pretrained timm-layout state dict to ``model``: drop the pre-training-only parts,
@@ -163,4 +170,5 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float
 
 
 __all__ = ["adapt_state_dict", "build_classifier", "classifier_timm_spec", "default_drop_path", "default_layer_decay",
-           "has_layer_scale", "layer_decay_groups", "layer_id", "scale_residual_stream"]
+           "has_layer_scale", "init_layer_scale", "layer_decay_groups", "layer_id",
+           "scale_residual_stream"]

@@ -28,9 +28,8 @@ from ..data.eval import eval_transform
 from ..data.folder import load_rgb, scan_image_folder
 from ..data.spec import DataError
 from ..engine.weights import load_pretrained
-from ..models.dense import ViTBackbone
-from ..models.transfer import adapt_state_dict, has_layer_scale
-from ..models.vit import VIT_PRESETS, parse_model_name
+from ..models.transfer import adapt_state_dict, build_classifier, init_layer_scale
+from ..models.vit import parse_model_name
 
 
 @torch.no_grad()
@@ -46,10 +45,8 @@ def stream_rms(vit: torch.nn.Module, x: torch.Tensor) -> list[float]:
 
 def backbone(name: str, img_size: int, sd: dict[str, torch.Tensor], source: str) -> torch.nn.Module:
     """The timm ViT of preset ``name`` with ``sd`` loaded ({} = a fresh one, seed 0)."""
-    preset = VIT_PRESETS[name]
-    layer_scale = preset.layer_scale if (has_layer_scale(sd) or not sd) and preset.layer_scale > 0 else None
     torch.manual_seed(0)
-    vit = ViTBackbone(name, img_size, (preset.depth - 1,), layer_scale=layer_scale).vit.eval()
+    vit = build_classifier(name, img_size, 0, drop_path=0.0, layer_scale=init_layer_scale(name, sd)).eval()
     if sd:
         vit.load_state_dict(adapt_state_dict(sd, vit, source=f"--init '{source}'"), strict=False)
     return vit
@@ -89,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         row = measure(args.init, args.model, args.img_size, args.data, args.images)
-    except (ConfigError, DataError, KeyError, ValueError) as exc:
-        print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     for what, values in (("pre-trained", row["rms"]), ("fresh init", row["fresh_rms"])):
         print(f"{what}: stream rms after the embeddings, then each block: " + " ".join(f"{v:.3g}" for v in values))

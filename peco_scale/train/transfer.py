@@ -19,8 +19,7 @@ import torch
 
 from ..engine import ds
 from ..engine.weights import load_pretrained
-from ..models.transfer import adapt_state_dict, has_layer_scale, layer_decay_groups, scale_residual_stream
-from ..models.vit import VIT_PRESETS
+from ..models.transfer import adapt_state_dict, init_layer_scale, layer_decay_groups, scale_residual_stream
 from .trainer import EvalStage, use_bf16
 
 
@@ -39,8 +38,7 @@ class TransferStage(EvalStage):
         weights have gammas (stage-2 checkpoints); random init uses the preset's."""
         init = self.cfg.model.init
         sd, info = load_pretrained(init) if init else ({}, {"kind": "random"})
-        preset = VIT_PRESETS[self.r.model_name]
-        layer_scale = preset.layer_scale if (has_layer_scale(sd) or not sd) and preset.layer_scale > 0 else None
+        layer_scale = init_layer_scale(self.r.model_name, sd)
         info["layer_scale"] = layer_scale is not None
         return sd, info, layer_scale
 

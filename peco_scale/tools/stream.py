@@ -33,14 +33,19 @@ from ..models.vit import parse_model_name
 
 
 @torch.no_grad()
-def stream_rms(vit: torch.nn.Module, x: torch.Tensor) -> list[float]:
-    """rms of the patch tokens after the embeddings and after each block of a timm ViT."""
+def stream_tokens(vit: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The patch tokens ``(B, N, D)`` of a timm ViT after the embeddings and after each block."""
     h = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
     out = [h[:, vit.num_prefix_tokens:]]
     for block in vit.blocks:
         h = block(h)
         out.append(h[:, vit.num_prefix_tokens:])
-    return [t.double().pow(2).mean().sqrt().item() for t in out]
+    return out
+
+
+def stream_rms(vit: torch.nn.Module, x: torch.Tensor) -> list[float]:
+    """rms of the patch tokens after the embeddings and after each block of a timm ViT."""
+    return [t.double().pow(2).mean().sqrt().item() for t in stream_tokens(vit, x)]
 
 
 def backbone(name: str, img_size: int, sd: dict[str, torch.Tensor], source: str) -> torch.nn.Module:

@@ -18,7 +18,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from peco_scale.engine.weights import load_pretrained
-from peco_scale.tools.stream import backbone
+from peco_scale.tools.stream import backbone, stream_tokens
 
 SIZE, P = 64, 16
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -36,14 +36,8 @@ def split(data, name):
     return torch.tensor(np.stack(xs), dtype=torch.float32).permute(0, 3, 1, 2), np.array(ys)
 
 
-@torch.no_grad()
 def tokens(vit, x):
-    h = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
-    out = [h[:, vit.num_prefix_tokens:]]
-    for block in vit.blocks:
-        h = block(h)
-        out.append(h[:, vit.num_prefix_tokens:])
-    return [o.reshape(-1, o.shape[-1]).numpy() for o in out]
+    return [o.reshape(-1, o.shape[-1]).numpy() for o in stream_tokens(vit, x)]
 
 
 def main(data, inits):

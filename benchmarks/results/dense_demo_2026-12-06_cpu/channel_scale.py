@@ -11,16 +11,12 @@ import sys
 
 import torch
 
-from peco_scale.engine.weights import load_pretrained
-from peco_scale.tools.stream import backbone, stream_tokens
-from sub_probe import split
+from scenes import load_split, pico, tokens
 
 
 def main(data, init, size, scale, out):
-    x, _, _ = split(data, "training", int(size))
-    vit = backbone("vit_pico_patch16", int(size), load_pretrained(init)[0], init)
-    t = stream_tokens(vit, x)[-1].reshape(-1, vit.embed_dim) * float(scale)
-    rms = t.pow(2).mean(0).sqrt()
+    x, _ = load_split(data, "training", int(size))
+    rms = torch.from_numpy(tokens(pico(init, size), x)[-1] * float(scale)).pow(2).mean(0).sqrt()
     print(f"per-channel rms min / median / max: {rms.min():.3f} / {rms.median():.3f} / {rms.max():.3f}")
     torch.save(0.73 / rms, out)
 

@@ -9,35 +9,24 @@ over all patches, and over the patches whose majority is a shape (3-way shape cl
     python token_probe.py DATA INIT [INIT ...]     (INIT '' = a fresh initialisation)
 """
 import sys
-from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from peco_scale.engine.weights import load_pretrained
-from peco_scale.tools.stream import backbone, stream_tokens
+from scenes import load_split, pico, tokens
 
 SIZE, P = 64, 16
-MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
 
 def split(data, name):
-    xs, ys = [], []
-    for img_path in sorted((Path(data) / "images" / name).glob("*.jpg")):
-        img = Image.open(img_path).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)
-        lab = np.array(Image.open(Path(data) / "annotations" / name / (img_path.stem + ".png")).resize((SIZE, SIZE), Image.NEAREST))
-        xs.append((np.asarray(img, np.float32) / 255 - MEAN) / STD)
-        g = SIZE // P
+    x, labs = load_split(data, name, SIZE)
+    g = SIZE // P
+    ys = []
+    for lab in labs:
         t = lab.reshape(g, P, g, P).transpose(0, 2, 1, 3).reshape(g * g, P * P)
         ys.append([np.bincount(r[r > 0], minlength=5).argmax() if (r > 0).any() else 0 for r in t])
-    return torch.tensor(np.stack(xs), dtype=torch.float32).permute(0, 3, 1, 2), np.array(ys)
-
-
-def tokens(vit, x):
-    return [o.reshape(-1, o.shape[-1]).numpy() for o in stream_tokens(vit, x)]
+    return x, np.array(ys)
 
 
 def main(data, inits):
@@ -46,15 +35,14 @@ def main(data, inits):
     kt, kv = yt > 0, yv > 0
     st, sv = yt > 1, yv > 1
     for init in inits:
-        sd = load_pretrained(init)[0] if init else {}
-        vit = backbone("vit_pico_patch16", SIZE, sd, init)
+        vit = pico(init, SIZE)
         rows = []
         for ft, fv in zip(tokens(vit, xt), tokens(vit, xv)):
             sc = StandardScaler().fit(ft[kt])
             a = LogisticRegression(max_iter=3000).fit(sc.transform(ft[kt]), yt[kt]).score(sc.transform(fv[kv]), yv[kv])
             b = LogisticRegression(max_iter=3000).fit(sc.transform(ft[st]), yt[st]).score(sc.transform(fv[sv]), yv[sv])
             rows.append(f"{100 * a:.1f}/{100 * b:.1f}")
-        print(f"{init or 'random'}: all-patch / shape-patch accuracy after embed, blocks 0..: " + "  ".join(rows))
+        print(f"{init or 'random'}: all-patch / shape-patch accuracy after the embeddings, then each block: " + "  ".join(rows))
     print(f"patches: train {kt.sum()} ({st.sum()} shape), val {kv.sum()} ({sv.sum()} shape); "
           f"majority baseline val {100 * np.bincount(yv[kv]).max() / kv.sum():.1f}")
 

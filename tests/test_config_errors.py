@@ -17,7 +17,7 @@ CASES = [
 @pytest.mark.parametrize("over,message", CASES, ids=[c[1][:30] for c in CASES])
 def test_bad_input_one_line(demo_data, tmp_path, over, message):
     out = tmp_path / "run"
-    res = run_launch("launch/train_tokenizer.py", tiny_args(demo_data, out, **over), timeout=120)
+    res = run_launch("launch/train_tokenizer.py", tiny_args(demo_data, out, **over), timeout=600)
     assert res.returncode == 2, res.stdout + res.stderr
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], res.stderr
@@ -29,7 +29,7 @@ def test_empty_data_folder(tmp_path):
     empty = tmp_path / "empty"
     (empty / "cls").mkdir(parents=True)
     (empty / "cls" / "notes.txt").write_text("not an image")
-    res = run_launch("launch/train_tokenizer.py", tiny_args(empty, tmp_path / "run"), timeout=120)
+    res = run_launch("launch/train_tokenizer.py", tiny_args(empty, tmp_path / "run"), timeout=600)
     assert res.returncode == 2
     assert "error:" in res.stderr and str(empty) in res.stderr
 

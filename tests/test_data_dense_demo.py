@@ -8,13 +8,18 @@ import pytest
 from PIL import Image
 
 from peco_scale.data.dense_demo import SEG_CLASSES, make_dense_demo, render_scene, rle_encode
+from peco_scale.data.spec import DataError
 
 
-@pytest.fixture(scope="module")
-def dense(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dense")
-    make_dense_demo(root, train_images=12, val_images=4, min_size=64, max_size=112)
+@pytest.fixture(scope="module", params=["plain", "cluttered"])
+def dense(tmp_path_factory, request):
+    root = tmp_path_factory.mktemp(f"dense_{request.param}")
+    make_dense_demo(root, train_images=12, val_images=4, min_size=64, max_size=112, style=request.param)
     return root
+
+
+def _style(root) -> str:
+    return json.loads((root / "manifest.json").read_text())["params"].get("style", "plain")
 
 
 def test_layout_and_reuse(dense):
@@ -26,7 +31,7 @@ def test_layout_and_reuse(dense):
         ids = [a["id"] for a in coco["annotations"]]
         assert len(ids) == len(set(ids)) >= n  # at least one shape per scene, each its own id
     before = (dense / "manifest.json").stat().st_mtime_ns
-    make_dense_demo(dense, train_images=12, val_images=4, min_size=64, max_size=112)
+    make_dense_demo(dense, train_images=12, val_images=4, min_size=64, max_size=112, style=_style(dense))
     assert (dense / "manifest.json").stat().st_mtime_ns == before  # same parameters: reused
 
 
@@ -53,7 +58,7 @@ def test_masks_boxes_and_label_maps_agree(dense):
         assert label.shape == (img["height"], img["width"]) and set(np.unique(label)) <= {0, 1, 2, 3, 4}
         anns = coco.loadAnns(coco.getAnnIds(imgIds=img["id"]))
         # the scene drawn again gives the same instances
-        _, again, instances = render_scene(0, "training", img["id"] - 1, 64, 112)
+        _, again, instances = render_scene(0, "training", img["id"] - 1, 64, 112, _style(dense))
         assert np.array_equal(again, label) and len(instances) == len(anns)
         for ann, inst in zip(anns, instances):
             mask = coco.annToMask(ann).astype(bool)
@@ -98,6 +103,29 @@ def test_cli_writes_and_refuses_bad_counts(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train_images=0" in err[0] and "must be >= 1" in err[0]
     assert not (tmp_path / "e" / "manifest.json").exists()
+    with pytest.raises(SystemExit):  # argparse's one line for a style it does not know
+        main(["dense-demo", "--out", str(tmp_path / "f"), "--style", "busy"])
+    assert "invalid choice: 'busy'" in capsys.readouterr().err
+    with pytest.raises(DataError, match="style='busy'.*plain, cluttered"):
+        make_dense_demo(tmp_path / "g", style="busy")
+    assert not (tmp_path / "g").exists()
+
+
+def test_cluttered_scenes_hide_the_shapes_among_unlabelled_distractors():
+    """The cluttered style paints blobs and strokes that stay background: some background pixels
+    differ sharply from their right-hand neighbour (the distractors' edges and stripes), where the
+    plain scenes' smooth backgrounds have none. (That the shapes' labels, boxes and masks stay exact
+    in both styles is checked above through pycocotools.)"""
+    def busy_background(style):
+        frac = []
+        for i in range(8):
+            img, label, _ = render_scene(3, "training", i, 96, 96, style)
+            grad = np.abs(np.diff(img.astype(np.int16), axis=1)).sum(-1)  # colour change to the right
+            bg = (label[:, 1:] == 1) & (label[:, :-1] == 1)
+            frac.append((grad[bg] > 120).mean())
+        return float(np.mean(frac))
+    plain, cluttered = busy_background("plain"), busy_background("cluttered")
+    assert plain < 0.002 and cluttered > 5 * max(plain, 0.002), (plain, cluttered)
 
 
 def test_unlabelled_scenes_are_new_and_read_as_an_image_folder(tmp_path, capsys):

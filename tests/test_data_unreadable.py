@@ -80,7 +80,7 @@ def test_ffcv_converter_refuses_a_folder_of_unreadable_images(tmp_path):
     data = _garbage_tree(tmp_path / "data")
     out = tmp_path / "d.beton"
     res = _run([sys.executable, "-m", "peco_scale.data", "convert", "--to", "ffcv", "--data", str(data),
-                "--out", str(out), "--workers", "1"], timeout=120)
+                "--out", str(out), "--workers", "1"], timeout=600)
     assert res.returncode == 2, res.stderr[-2000:]
     errors = _error_lines(res)
     assert len(errors) == 1 and f"none of the 24 images under '{data}'" in errors[0], res.stderr[-2000:]
@@ -118,7 +118,7 @@ WORKER_SCRIPT = textwrap.dedent("""
 def test_nothing_readable_in_a_worker_ends_the_process(tmp_path):
     """The DataError raised in a DataLoader worker reaches the caller as one line, and the process
     exits (its workers ignore SIGTERM, so a worker left running kept the interpreter from exiting)."""
-    res = _run([sys.executable, "-c", WORKER_SCRIPT, str(tmp_path / "data")], timeout=120)
+    res = _run([sys.executable, "-c", WORKER_SCRIPT, str(tmp_path / "data")], timeout=600)
     assert res.returncode == 2, res.stderr[-3000:]
     errors = _error_lines(res)
     assert len(errors) == 1 and "none of the 16 images under" in errors[0], res.stderr[-3000:]

@@ -4,7 +4,7 @@ Commands:
     demo --out DIR [--images_per_class N] [--seed S] [--min_size A] [--max_size B] [--overwrite]
         Write (or reuse) the offline demo ImageFolder tree at DIR/train.
     dense-demo --out DIR [--train_images N] [--val_images N] [--unlabelled_images N] [--seed S]
-               [--min_size A] [--max_size B]
+               [--min_size A] [--max_size B] [--style plain|cluttered]
         Write (or reuse) the dense demo: ADE20K-layout label maps and COCO instances of drawn shapes
         (and N more scenes without labels in DIR/unlabelled, an ImageFolder tree for stage 2).
     scan DIR
@@ -44,7 +44,8 @@ def _cmd_dense_demo(args: argparse.Namespace) -> None:
     from .dense_demo import make_dense_demo
 
     m = make_dense_demo(args.out, train_images=args.train_images, val_images=args.val_images, seed=args.seed,
-                        min_size=args.min_size, max_size=args.max_size, unlabelled_images=args.unlabelled_images)
+                        min_size=args.min_size, max_size=args.max_size, unlabelled_images=args.unlabelled_images,
+                        style=args.style)
     c = m["counts"]
     print(f"dense demo at {args.out}: {c['training']['images']} training / {c['validation']['images']} validation "
           f"scenes, {c['training']['instances']} / {c['validation']['instances']} instances; segmentation classes "
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--seed", type=int, default=0)
     dd.add_argument("--min_size", type=int, default=96, help="smallest scene side (pixels)")
     dd.add_argument("--max_size", type=int, default=192, help="largest scene side (pixels)")
+    dd.add_argument("--style", default="plain", choices=("plain", "cluttered"),
+                    help="cluttered: textured background, unlabelled strokes, striped fills")
     dd.set_defaults(func=_cmd_dense_demo)
     s = sub.add_parser("scan", help="count images/classes in an ImageFolder tree")
     s.add_argument("root")

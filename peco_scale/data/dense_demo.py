@@ -17,6 +17,13 @@ their exact segmentation maps (ADE20K layout) and instances (COCO JSON).
 
 Shapes are drawn by the same code as the classification demo's shape classes and never overlap,
 so every mask and box is exact.
+
+``style="cluttered"`` draws harder scenes of the same classes: a textured two-colour background,
+1-3 unlabelled irregular blobs as large as the shapes and 2-4 unlabelled strokes (thick line
+segments), both part of the background class, and every blob, stroke and shape filled from one
+distribution (a flat colour or two-colour stripes). Colour, texture and size then no longer tell a
+shape from the background; its outline does. Shapes are drawn after the strokes and
+cover them, so masks and boxes stay exact.
 """
 
 from __future__ import annotations
@@ -31,12 +38,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .demo import SHAPES, _background, _contrasting, _encode_jpeg, _grid, _paint, _remove_stale
+from .demo import (SHAPES, _background, _colour, _contrasting, _edge_alpha, _encode_jpeg, _grid, _paint, _ramp,
+                   _remove_stale, _value_noise)
 from .spec import DataError
 
 SEG_CLASSES = ("background", "circle", "square", "triangle")  # ids 1..4 in the PNGs (0: unlabelled)
 CATEGORIES = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPES)]
 DENSE_VERSION = 1
+STYLES = ("plain", "cluttered")
 
 
 def _scene_rng(seed: int, split: str, i: int) -> np.random.Generator:
@@ -55,15 +64,62 @@ def rle_encode(mask: np.ndarray) -> dict[str, Any]:
     return {"counts": counts, "size": [int(mask.shape[0]), int(mask.shape[1])]}
 
 
-def render_scene(seed: int, split: str, i: int, min_size: int, max_size: int):
+def _cluttered_background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Two-colour value noise at a scale near the shapes'."""
+    c0 = _colour(rng)
+    t = _value_noise(rng, h, w, base=int(rng.integers(3, 9)), octaves=2, persistence=0.5)
+    return _ramp(t, np.stack([c0, _contrasting(rng, c0, 0.4)]))
+
+
+def _fill(rng: np.random.Generator, h: int, w: int, bg: np.ndarray) -> np.ndarray:
+    """The colour (3,) or colour field (H, W, 3) of one stroke or shape: flat, or stripes of two
+    colours at a random period (4-10 px) and angle."""
+    ca = _contrasting(rng, bg)
+    if rng.random() < 0.5:
+        return ca
+    y, x = _grid(h, w)
+    th, period = rng.uniform(0, np.pi), rng.uniform(4, 10)
+    t = _edge_alpha(np.sin(2 * np.pi * (x * np.cos(th) + y * np.sin(th)) / period), period)
+    return _ramp(np.broadcast_to(t, (h, w)), np.stack([ca, _contrasting(rng, ca, 0.4)]))
+
+
+def _stroke(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Anti-aliased coverage (H, W) of a thick line segment (a capsule) across part of the scene."""
+    y, x = _grid(h, w)
+    y0, x0 = rng.uniform(0, h), rng.uniform(0, w)
+    th, length, half = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 0.8) * min(h, w), rng.uniform(1.5, 4.0)
+    dy, dx = np.sin(th), np.cos(th)
+    along = np.clip((y - y0) * dy + (x - x0) * dx, 0, length)
+    dist = np.hypot(y - (y0 + along * dy), x - (x0 + along * dx))
+    return np.clip(half - dist + 0.5, 0, 1)
+
+
+def _blob(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Anti-aliased coverage (H, W) of an irregular blob as large as a shape: a radius that varies
+    with the angle by a few random low harmonics (2-4 lobes), so its outline is none of the classes'."""
+    y, x = _grid(h, w)
+    r = rng.uniform(0.1, 0.3) * min(h, w)
+    cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+    ang = np.arctan2(y - cy, x - cx)
+    k = np.arange(2, 5)[:, None, None]
+    amp, phase = rng.uniform(0.1, 0.25, 3)[:, None, None], rng.uniform(0, 2 * np.pi, 3)[:, None, None]
+    radius = r * (1 + (amp * np.sin(k * ang + phase)).sum(0))
+    return np.clip(radius - np.hypot(y - cy, x - cx) + 0.5, 0, 1)
+
+
+def render_scene(seed: int, split: str, i: int, min_size: int, max_size: int, style: str = "plain"):
     """(image uint8 (H, W, 3), label map uint8 (H, W), instances) of scene ``i``; an instance is
     ``{"kind", "mask" (H, W) bool, "polygon" ((K, 2) x, y) or None}``."""
     rng = _scene_rng(seed, split, i)
     h, w = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
-    img = _background(rng, h, w)
+    cluttered = style == "cluttered"
+    img = _cluttered_background(rng, h, w) if cluttered else _background(rng, h, w)
     y, x = _grid(h, w)
     bg = img.mean(axis=(0, 1))
     label = np.ones((h, w), np.uint8)
+    if cluttered:
+        for draw in [_blob] * int(rng.integers(1, 4)) + [_stroke] * int(rng.integers(2, 5)):
+            img = _paint(img, draw(rng, h, w), _fill(rng, h, w, bg))
     kinds = list(SHAPES)
     placed, instances = [], []
     for _ in range(int(rng.integers(1, 5))):
@@ -78,7 +134,7 @@ def render_scene(seed: int, split: str, i: int, min_size: int, max_size: int):
         if not mask.any():
             continue
         placed.append(shape)
-        img = _paint(img, cov, _contrasting(rng, bg))
+        img = _paint(img, cov, _fill(rng, h, w, bg) if cluttered else _contrasting(rng, bg))
         label[mask] = 2 + kinds.index(shape.kind)
         label[(cov > 0.02) & (cov < 0.98)] = 0  # the anti-aliased rim: unlabelled
         instances.append({"kind": shape.kind, "mask": mask, "polygon": shape.polygon})
@@ -102,24 +158,28 @@ def _coco_annotation(inst: dict[str, Any], ann_id: int, image_id: int) -> dict[s
 
 
 def _params(seed: int, train_images: int, val_images: int, min_size: int, max_size: int,
-            unlabelled_images: int) -> dict[str, Any]:
-    return {"generator": "peco_scale.data.dense_demo", "version": DENSE_VERSION, "seed": seed,
-            "train_images": train_images, "val_images": val_images, "min_size": min_size, "max_size": max_size,
-            "unlabelled_images": unlabelled_images}
+            unlabelled_images: int, style: str) -> dict[str, Any]:
+    params = {"generator": "peco_scale.data.dense_demo", "version": DENSE_VERSION, "seed": seed,
+              "train_images": train_images, "val_images": val_images, "min_size": min_size, "max_size": max_size,
+              "unlabelled_images": unlabelled_images}
+    return params if style == "plain" else {**params, "style": style}
 
 
 def make_dense_demo(root: str | os.PathLike[str], *, train_images: int = 200, val_images: int = 50, seed: int = 0,
-                    min_size: int = 96, max_size: int = 192, unlabelled_images: int = 0) -> dict[str, Any]:
+                    min_size: int = 96, max_size: int = 192, unlabelled_images: int = 0,
+                    style: str = "plain") -> dict[str, Any]:
     """Write (or reuse, when ``root/manifest.json`` has the same parameters) the dense demo tree;
     built in ``root/.tmp-<pid>`` and moved into place, the manifest last."""
     if train_images < 1 or val_images < 1:
         raise DataError(f"train_images={train_images}, val_images={val_images}: both must be >= 1")
     if unlabelled_images < 0:
         raise DataError(f"unlabelled_images={unlabelled_images}: must be >= 0")
+    if style not in STYLES:
+        raise DataError(f"style={style!r} is not a dense demo style; use one of {', '.join(STYLES)}")
     if not 32 <= min_size <= max_size:
         raise DataError(f"scene size range [{min_size}, {max_size}] is invalid; use 32 <= min_size <= max_size")
     root = Path(root)
-    params = _params(seed, train_images, val_images, min_size, max_size, unlabelled_images)
+    params = _params(seed, train_images, val_images, min_size, max_size, unlabelled_images, style)
     try:
         manifest = json.loads((root / "manifest.json").read_text())
         if manifest.get("params") == params:
@@ -137,7 +197,7 @@ def make_dense_demo(root: str | os.PathLike[str], *, train_images: int = 200, va
             (tmp / "annotations" / split).mkdir(parents=True)
             images, annotations = [], []
             for i in range(n):
-                img, label, instances = render_scene(seed, split, i, min_size, max_size)
+                img, label, instances = render_scene(seed, split, i, min_size, max_size, style)
                 name = f"scene_{i:05d}"
                 (tmp / "images" / split / f"{name}.jpg").write_bytes(_encode_jpeg(img))
                 Image.fromarray(label).save(tmp / "annotations" / split / f"{name}.png")
@@ -150,7 +210,7 @@ def make_dense_demo(root: str | os.PathLike[str], *, train_images: int = 200, va
         if unlabelled_images:
             (tmp / "unlabelled" / "scenes").mkdir(parents=True)
             for i in range(unlabelled_images):
-                img = render_scene(seed, "unlabelled", i, min_size, max_size)[0]
+                img = render_scene(seed, "unlabelled", i, min_size, max_size, style)[0]
                 (tmp / "unlabelled" / "scenes" / f"scene_{i:05d}.jpg").write_bytes(_encode_jpeg(img))
             counts["unlabelled"] = {"images": unlabelled_images}
         manifest = {"params": params, "counts": counts, "seg_classes": list(SEG_CLASSES),

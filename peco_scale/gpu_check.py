@@ -194,12 +194,14 @@ def section_main(c: Check) -> None:
     runs = [c.run("main", [c.python, "-m", "peco_scale.data", "demo", "--out", str(data), *demo]),
             c.run("main", [c.python, "-m", "peco_scale.gpu_check", "tokenizer", "--preset", preset, "--out",
                            str(tok)])]
+    from .engine.dist import free_port  # a fixed port fails where another job holds it
+
     launcher = shutil.which("deepspeed") or str(Path(c.python).parent / "deepspeed")
     launcher_cmd = [launcher] if Path(launcher).is_file() else [c.python, "-m", "deepspeed.launcher.runner"]
     rows = []
     for i, stage in enumerate((3, 2)):
         run_dir = work / f"zero{stage}"
-        cmd = [*launcher_cmd, "--num_gpus", "1", "--master_port", str(29650 + stage), "launch/pretrain.py",
+        cmd = [*launcher_cmd, "--num_gpus", "1", "--master_port", str(free_port()), "launch/pretrain.py",
                "--deepspeed_config", "ds_configs/zero3_vith.json", "--data", str(data), "--tokenizer", str(tok),
                "--output_dir", str(run_dir), "--train.ckpt_every", "1000000", *over]
         if stage != 3:

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -106,9 +107,17 @@ def tiny_args(data: Path, out: Path, **over) -> list[str]:
 
 def worker_port(port: int) -> int:
     """``port`` moved into this pytest-xdist worker's own range (gw1: +200, gw2: +400, ...): test files
-    that run side by side (``make test`` runs two at once) never share a rendezvous port."""
+    that run side by side (``make test`` runs two at once) never share a rendezvous port. Where
+    something else listens on it, a free port."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    return port + 200 * int(worker.removeprefix("gw") or 0)
+    port += 200 * int(worker.removeprefix("gw") or 0)
+    with socket.socket() as s:  # held by another job on a busy machine: any free port instead
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            from peco_scale.engine.dist import free_port
+            return free_port()
+    return port
 
 
 def run_launch(script: str, args: list[str], *, ranks: int = 0, timeout: int = 600, port: int = 29531):

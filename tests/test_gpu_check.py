@@ -3,9 +3,11 @@
 the dry run goes through every section's code path at tiny shapes and its results are checked
 against each other; the time caps, the batch search and the size check against hand-made cases."""
 
+import contextlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,9 +30,18 @@ def test_dry_run_goes_through_every_section(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "PECO_SITE": str(tmp_path / "site"),
            "PECO_GPU_CHECK_WORK": str(tmp_path / "work")}
     env.pop("OUT", None)
-    # a wide budget: the caps are tested on their own below; here a loaded machine must not cut a section
-    res = subprocess.run(["bash", str(ROOT / "launch/gpu_check.sh"), "--dry_run", "--out", str(out), "--budget_s",
-                          "1500"], env=env, capture_output=True, text=True, timeout=1700)
+    # a wide budget: the caps are tested on their own below; here a loaded machine must not cut a section.
+    # Another job listens on the rendezvous ports the check once fixed (29652-29653): it picks free ones.
+    with contextlib.ExitStack() as held:
+        for port in (29652, 29653):
+            sock = held.enter_context(socket.socket())
+            try:
+                sock.bind(("127.0.0.1", port))
+                sock.listen()
+            except OSError:  # already held by something else: just as good
+                pass
+        res = subprocess.run(["bash", str(ROOT / "launch/gpu_check.sh"), "--dry_run", "--out", str(out),
+                              "--budget_s", "1500"], env=env, capture_output=True, text=True, timeout=1700)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["sections"]) == list(gpu_check.SECTIONS)

@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--min_size", type=int, default=96, help="smallest scene side (pixels)")
     dd.add_argument("--max_size", type=int, default=192, help="largest scene side (pixels)")
     dd.add_argument("--style", default="plain", choices=("plain", "cluttered"),
-                    help="cluttered: textured background, unlabelled strokes, striped fills")
+                    help="cluttered: textured background, unlabelled blobs and strokes, flat or striped fills")
     dd.set_defaults(func=_cmd_dense_demo)
     s = sub.add_parser("scan", help="count images/classes in an ImageFolder tree")
     s.add_argument("root")

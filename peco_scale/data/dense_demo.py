@@ -22,7 +22,7 @@ so every mask and box is exact.
 1-3 unlabelled irregular blobs as large as the shapes and 2-4 unlabelled strokes (thick line
 segments), both part of the background class, and every blob, stroke and shape filled from one
 distribution (a flat colour or two-colour stripes). Colour, texture and size then no longer tell a
-shape from the background; its outline does. Shapes are drawn after the strokes and
+shape from the background; its outline does. Shapes are drawn after the blobs and strokes and
 cover them, so masks and boxes stay exact.
 """
 
@@ -72,7 +72,7 @@ def _cluttered_background(rng: np.random.Generator, h: int, w: int) -> np.ndarra
 
 
 def _fill(rng: np.random.Generator, h: int, w: int, bg: np.ndarray) -> np.ndarray:
-    """The colour (3,) or colour field (H, W, 3) of one stroke or shape: flat, or stripes of two
+    """The colour (3,) or colour field (H, W, 3) of one blob, stroke or shape: flat, or stripes of two
     colours at a random period (4-10 px) and angle."""
     ca = _contrasting(rng, bg)
     if rng.random() < 0.5:

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .demo import demo_is_current, make_demo_dataset
+from .dense_demo import STYLES
 from .folder import scan_image_folder
 from .spec import DataError
 
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--seed", type=int, default=0)
     dd.add_argument("--min_size", type=int, default=96, help="smallest scene side (pixels)")
     dd.add_argument("--max_size", type=int, default=192, help="largest scene side (pixels)")
-    dd.add_argument("--style", default="plain", choices=("plain", "cluttered"),
+    dd.add_argument("--style", default="plain", choices=STYLES,
                     help="cluttered: textured background, unlabelled blobs and strokes, flat or striped fills")
     dd.set_defaults(func=_cmd_dense_demo)
     s = sub.add_parser("scan", help="count images/classes in an ImageFolder tree")

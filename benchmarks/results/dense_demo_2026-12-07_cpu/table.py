@@ -1,7 +1,8 @@
-"""Print the runs' evaluations from their metrics.jsonl files (in this folder):
-detection box AP at each evaluation, then AP50 and mask AP at the last; segmentation mIoU at each.
+"""Print the runs' evaluations from their metrics.jsonl files (in this folder, or in FOLDER):
+detection box AP at each evaluation, then AP50 and mask AP at the last; segmentation mIoU at each;
+for a stage-2 run (no evaluations) its loss at the last logged step.
 
-    python table.py
+    python table.py [FOLDER]
 """
 import json
 import sys
@@ -10,16 +11,16 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 
-def evals(name):
-    return [r for r in map(json.loads, (HERE / f"{name}.metrics.jsonl").read_text().splitlines())
-            if any(k.startswith("eval_") for k in r)]
-
-
 def main(argv):
-    for path in sorted(HERE.glob("*.metrics.jsonl")):
+    folder = Path(argv[0]) if argv else HERE
+    for path in sorted(folder.glob("*.metrics.jsonl")):
         name = path.name.removesuffix(".metrics.jsonl")
-        rows = evals(name)
+        every = [json.loads(line) for line in path.read_text().splitlines() if line]
+        rows = [r for r in every if any(k.startswith("eval_") for k in r)]
         if not rows:
+            losses = [r for r in every if "loss" in r]
+            if losses:
+                print(f"{name:10s} stage 2: loss {losses[-1]['loss']:.3f} at step {losses[-1]['step']}")
             continue
         last = rows[-1]
         if "eval_bbox_AP" in last:

@@ -11,7 +11,7 @@ DS_LAUNCH := DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} $(BIN)/deepspeed --num_gpus 
 # `opencv`; Debian names it opencv4, so a link in build/pkgconfig provides the expected name.
 PKGCONF := $(CURDIR)/build/pkgconfig
 
-.PHONY: install syslibs slurm demo dense-demo test clean gpu-wheels
+.PHONY: install syslibs slurm demo dense-demo dense-demo-cluttered test clean gpu-wheels
 
 syslibs:
 	@if ! pkg-config --exists opencv4 2>/dev/null || ! pkg-config --exists libturbojpeg 2>/dev/null; then \
@@ -59,18 +59,36 @@ demo: install
 	$(BIN)/python -m peco_scale.tools.probe codeword --tokenizer $(DEMO)/tokenizer/tokenizer.safetensors --data $(DEMO)/data --val $(DEMO)/val --out $(DEMO)/codeword_probe.json
 	@echo "stage 3 done: fine-tune metrics $(DEMO)/finetune/metrics.jsonl, timm classifier $(DEMO)/finetune/classifier.safetensors"
 
+# Segment and detect on $(1)/data from the stage-2 backbone in $(1)/pretrain and from random
+# initialisation, then the two tables; $(2): extra flags for the pre-trained detection run.
+define dense_transfer
+	$(DS_LAUNCH) launch/segment.py --config configs/demo_segment.yaml --data $(1)/data --init $(1)/pretrain --output_dir $(1)/segment/pretrained
+	$(DS_LAUNCH) launch/segment.py --config configs/demo_segment.yaml --data $(1)/data --init '' --output_dir $(1)/segment/random
+	$(DS_LAUNCH) launch/detect.py --config configs/demo_detect.yaml --data $(1)/data --init $(1)/pretrain $(2) --output_dir $(1)/detect/pretrained
+	$(DS_LAUNCH) launch/detect.py --config configs/demo_detect.yaml --data $(1)/data --init '' --output_dir $(1)/detect/random
+	$(BIN)/python -m peco_scale.tools.collect $(1)/segment
+	$(BIN)/python -m peco_scale.tools.collect $(1)/detect
+endef
+
 # Dense transfer on the dense demo scenes: stage 2 (MAE) on 2000 unlabelled scenes, then that
 # backbone against a random initialisation for segmentation (mIoU) and detection (box / mask AP) on
 # the 200 labelled ones, then the two tables.
 dense-demo: install
 	$(BIN)/python -m peco_scale.data dense-demo --out runs/dense/data --unlabelled_images 2000
 	$(DS_LAUNCH) launch/pretrain.py --deepspeed_config ds_configs/zero3_vith.json --config configs/demo_dense_pretrain.yaml
-	$(DS_LAUNCH) launch/segment.py --config configs/demo_segment.yaml --output_dir runs/dense/segment/pretrained
-	$(DS_LAUNCH) launch/segment.py --config configs/demo_segment.yaml --init '' --output_dir runs/dense/segment/random
-	$(DS_LAUNCH) launch/detect.py --config configs/demo_detect.yaml --output_dir runs/dense/detect/pretrained
-	$(DS_LAUNCH) launch/detect.py --config configs/demo_detect.yaml --init '' --output_dir runs/dense/detect/random
-	$(BIN)/python -m peco_scale.tools.collect runs/dense/segment
-	$(BIN)/python -m peco_scale.tools.collect runs/dense/detect
+	$(call dense_transfer,runs/dense)
+
+# The same on harder scenes with few labels: 2000 unlabelled and 50 labelled cluttered scenes, and
+# the pre-trained detection run starts from the backbone's residual stream scaled to a fresh
+# initialisation's size (the factor that peco_scale.tools.stream measures on the labelled scenes).
+CLUTTERED := runs/dense_cluttered
+dense-demo-cluttered: install
+	$(BIN)/python -m peco_scale.data dense-demo --out $(CLUTTERED)/data --train_images 50 --unlabelled_images 2000 --style cluttered
+	$(DS_LAUNCH) launch/pretrain.py --deepspeed_config ds_configs/zero3_vith.json --config configs/demo_dense_pretrain.yaml \
+	  --data $(CLUTTERED)/data/unlabelled --output_dir $(CLUTTERED)/pretrain
+	$(BIN)/python -m peco_scale.tools.stream --init $(CLUTTERED)/pretrain --model vit_pico_patch16 --img_size 64 \
+	  --data $(CLUTTERED)/data/images --out $(CLUTTERED)/stream.json
+	$(call dense_transfer,$(CLUTTERED),--model.stream_scale $$($(BIN)/python -c "import json; print(json.load(open('$(CLUTTERED)/stream.json'))['stream_scale'])"))
 
 # Two test files at once (pytest-xdist, whole files per worker: a file's module fixtures and its
 # SLURM cluster stay in one process): the launches leave a core idle a third of the time, so this

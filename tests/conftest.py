@@ -120,9 +120,11 @@ def worker_port(port: int) -> int:
     return port
 
 
-def run_launch(script: str, args: list[str], *, ranks: int = 0, timeout: int = 600, port: int = 29531):
+def run_launch(script: str, args: list[str], *, ranks: int = 0, timeout: int = 1200, port: int = 29531):
     """Run a launch/ script as a user would: plain python, or `deepspeed --num_gpus N` (rendezvous on
-    ``port``, moved into this test worker's range)."""
+    ``port``, moved into this test worker's range). ``timeout`` is there to catch a hung launch: these runs
+    take seconds to a few minutes alone and several times that on a busy 2-core machine. A launch
+    that runs out of time fails with the tail of what it had printed, so the test says where it stopped."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
     if ranks:
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
@@ -130,7 +132,11 @@ def run_launch(script: str, args: list[str], *, ranks: int = 0, timeout: int = 6
                str(ROOT / script), *args]
     else:
         cmd = [sys.executable, str(ROOT / script), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        tail = [(x if isinstance(x, str) else (x or b"").decode(errors="replace"))[-3000:] for x in (e.stdout, e.stderr)]
+        pytest.fail(f"{script} still running after {timeout} s, killed; its stdout ends:\n{tail[0]}\nits stderr ends:\n{tail[1]}")
 
 
 def ok(res):
